@@ -1,0 +1,46 @@
+# Quick start: `make serve` serves the bundled model, `make test` runs the whole suite.
+# Every target creates .venv when it is missing and installs the project into it (idempotent: the
+# install re-runs only when pyproject.toml changed since the last one).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+EXTRAS ?= serve,train,export,dev
+MODEL ?= models/multi30k-de-en
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install test serve lint format clean
+
+install: $(STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	@echo "$(EXTRAS)" > $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+serve: install
+	@if [ ! -f "$(MODEL)/model.json" ]; then \
+		echo "error: no model at $(MODEL) yet (the bundled model lands with issue 6)."; \
+		echo "Train one with: $(BIN)/mt-train --config training/configs/multi30k_de_en.yaml --set data.dir=PATH/TO/multi30k --set output_dir=$(MODEL)"; \
+		exit 1; \
+	fi
+	@if [ ! -f "$(MODEL)/onnx/manifest.json" ]; then $(BIN)/mt-export $(MODEL); fi
+	$(BIN)/mt-serve --model $(MODEL) --host $(HOST) --port $(PORT)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

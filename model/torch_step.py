@@ -1,0 +1,45 @@
+"""The torch Transformer as a step function for ``model.search`` (training-time BLEU, parity tests)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from model.transformer import Transformer, reorder_cache, reorder_cross_kv
+
+
+class TorchStepFunction:
+    """Holds one batch's encoder output and decoder cache; each call decodes one token per row.
+
+    ``reorder`` (from the search) says which previous row each new row continues: the cache is gathered
+    with it, and the cross-attention K/V only when the rows' sentences change (expansion or pruning).
+    """
+
+    def __init__(self, model: Transformer, src_ids: np.ndarray, src_pad_mask: np.ndarray) -> None:
+        device = next(model.parameters()).device
+        self.model = model
+        self.device = device
+        src = torch.from_numpy(np.asarray(src_ids, dtype=np.int64)).to(device)
+        self.base_mask = torch.from_numpy(np.asarray(src_pad_mask, dtype=bool)).to(device)
+        with torch.inference_mode():
+            self.base_cross = model.cross_kv(model.encode(src, self.base_mask))
+        self.row_sentence = np.arange(src.shape[0])
+        self.cross = self.base_cross
+        self.mask = self.base_mask
+        self.cache = model.empty_cache(src.shape[0], device)
+
+    def __call__(self, tokens: np.ndarray, step: int, reorder: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        if reorder is not None:
+            index = torch.from_numpy(np.asarray(reorder, dtype=np.int64)).to(self.device)
+            self.cache = reorder_cache(self.cache, index)
+            row_sentence = self.row_sentence[reorder]
+            if not np.array_equal(row_sentence, self.row_sentence):
+                sentence_index = torch.from_numpy(row_sentence).to(self.device)
+                self.cross = reorder_cross_kv(self.base_cross, sentence_index)
+                self.mask = self.base_mask.index_select(0, sentence_index)
+                self.row_sentence = row_sentence
+        tok = torch.from_numpy(np.asarray(tokens, dtype=np.int64)).to(self.device)[:, None]  # (N, 1)
+        positions = torch.tensor([step], device=self.device)
+        with torch.inference_mode():
+            log_probs, self.cache, attn = self.model.decode_step(tok, positions, self.cross, self.mask, self.cache)
+        return log_probs[:, 0].float().cpu().numpy(), attn[:, 0].float().cpu().numpy()

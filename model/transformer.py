@@ -1,0 +1,271 @@
+"""The encoder-decoder Transformer of "Attention Is All You Need" (torch), with an explicit decoder cache.
+
+One forward contract serves training, export and the parity tests:
+
+- ``encode(src_ids, src_pad_mask) -> memory``
+- ``decode_step(tokens, positions, memory_or_cross_kv, src_pad_mask, cache)
+  -> (log_probs, new_cache, cross_attn)``
+
+Training runs ``decode_step`` over the whole target with an empty cache (the causal mask does the rest);
+incremental decoding feeds one token at a time and threads the cache through. The cache is a plain value
+(per layer the self-attention K/V, each (N, H, T, Dh)), never state hidden in modules, so a beam reorder
+is an index gather (``reorder_cache``). Mask convention everywhere: ``True`` = padding / not allowed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.config import ModelConfig
+
+KV = tuple[Tensor, Tensor]  # keys, values: each (N, H, T, Dh)
+DecoderCache = tuple[KV, ...]  # one self-attention KV per decoder layer
+CrossKV = tuple[KV, ...]  # one cross-attention KV per decoder layer, computed once from memory
+
+
+def sinusoidal_table(max_positions: int, d_model: int) -> Tensor:
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...), as in section 3.5."""
+    position = torch.arange(max_positions, dtype=torch.float32)[:, None]
+    inv_freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+    table = torch.zeros(max_positions, d_model)
+    table[:, 0::2] = torch.sin(position * inv_freq)
+    table[:, 1::2] = torch.cos(position * inv_freq[: d_model // 2])
+    return table
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head scaled dot-product attention; keys/values are projected separately so they can be cached."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+        self.dropout = dropout
+
+    def split_heads(self, x: Tensor) -> Tensor:
+        n, t, _ = x.shape
+        return x.view(n, t, self.n_heads, self.head_dim).transpose(1, 2)  # (N, H, T, Dh)
+
+    def project_kv(self, x: Tensor) -> KV:
+        return self.split_heads(self.k_proj(x)), self.split_heads(self.v_proj(x))
+
+    def forward(self, query: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """query (N, T, D), k/v (N, H, S, Dh), mask broadcastable to (N, H, T, S) → (N, T, D), (N, H, T, S)."""
+        q = self.split_heads(self.q_proj(query))  # (N, H, T, Dh)
+        scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (N, H, T, S)
+        scores = scores.masked_fill(mask, torch.finfo(scores.dtype).min)
+        weights = torch.softmax(scores, dim=-1)
+        context = torch.matmul(F.dropout(weights, self.dropout, self.training), v)  # (N, H, T, Dh)
+        n, _, t, _ = context.shape
+        context = context.transpose(1, 2).reshape(n, t, self.n_heads * self.head_dim)  # (N, T, D)
+        return self.out_proj(context), weights
+
+
+class FeedForward(nn.Module):
+    """Position-wise FFN(x) = max(0, x W1 + b1) W2 + b2."""
+
+    def __init__(self, d_model: int, d_ff: int, activation_dropout: float) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(d_model, d_ff)
+        self.w2 = nn.Linear(d_ff, d_model)
+        self.activation_dropout = activation_dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.dropout(F.relu(self.w1(x)), self.activation_dropout, self.training))
+
+
+class SubLayer(nn.Module):
+    """Residual connection around a sub-layer with LayerNorm after (post-norm, the paper) or before."""
+
+    def __init__(self, d_model: int, dropout: float, pre_norm: bool) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.pre_norm = pre_norm
+
+    def inp(self, x: Tensor) -> Tensor:
+        return self.norm(x) if self.pre_norm else x
+
+    def out(self, x: Tensor, sublayer_out: Tensor) -> Tensor:
+        y = x + self.dropout(sublayer_out)
+        return y if self.pre_norm else self.norm(y)
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation_dropout)
+        self.self_attn_sub = SubLayer(cfg.d_model, cfg.dropout, cfg.pre_norm)
+        self.ffn_sub = SubLayer(cfg.d_model, cfg.dropout, cfg.pre_norm)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        h = self.self_attn_sub.inp(x)
+        k, v = self.self_attn.project_kv(h)
+        x = self.self_attn_sub.out(x, self.self_attn(h, k, v, mask)[0])
+        return self.ffn_sub.out(x, self.ffn(self.ffn_sub.inp(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
+        self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation_dropout)
+        self.self_attn_sub = SubLayer(cfg.d_model, cfg.dropout, cfg.pre_norm)
+        self.cross_attn_sub = SubLayer(cfg.d_model, cfg.dropout, cfg.pre_norm)
+        self.ffn_sub = SubLayer(cfg.d_model, cfg.dropout, cfg.pre_norm)
+
+    def forward(
+        self, x: Tensor, past: KV, cross: KV, self_mask: Tensor, cross_mask: Tensor
+    ) -> tuple[Tensor, KV, Tensor]:
+        """x (N, T, D); past K/V (N, H, P, Dh) → x, present K/V (N, H, P+T, Dh), cross weights (N, H, T, S)."""
+        h = self.self_attn_sub.inp(x)
+        k_new, v_new = self.self_attn.project_kv(h)
+        k = torch.cat([past[0], k_new], dim=2)  # (N, H, P+T, Dh)
+        v = torch.cat([past[1], v_new], dim=2)
+        x = self.self_attn_sub.out(x, self.self_attn(h, k, v, self_mask)[0])
+        attended, cross_weights = self.cross_attn(self.cross_attn_sub.inp(x), cross[0], cross[1], cross_mask)
+        x = self.cross_attn_sub.out(x, attended)
+        x = self.ffn_sub.out(x, self.ffn(self.ffn_sub.inp(x)))
+        return x, (k, v), cross_weights
+
+
+class Transformer(nn.Module):
+    """Encoder-decoder with one shared (tied) embedding matrix for source, target and output."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
+        self.tgt_embed = None if cfg.tie_embeddings else nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.output_proj = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.register_buffer("pe", sinusoidal_table(cfg.max_positions, cfg.d_model), persistent=False)
+        self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_encoder_layers))
+        self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_decoder_layers))
+        # Pre-norm stacks leave the residual stream un-normalised: a final LayerNorm closes each stack.
+        self.encoder_norm = nn.LayerNorm(cfg.d_model) if cfg.pre_norm else nn.Identity()
+        self.decoder_norm = nn.LayerNorm(cfg.d_model) if cfg.pre_norm else nn.Identity()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        # Embeddings are scaled by sqrt(d_model) on the way in, so N(0, d^-0.5) gives unit-scale inputs
+        # while the tied output projection starts with small logits.
+        for emb in (self.embed, self.tgt_embed):
+            if emb is not None:
+                nn.init.normal_(emb.weight, mean=0.0, std=self.config.d_model**-0.5)
+                with torch.no_grad():
+                    emb.weight[self.config.pad_id].zero_()
+
+    def embed_tokens(self, tokens: Tensor, positions: Tensor, target: bool) -> Tensor:
+        """tokens (N, T), positions (T,) or (N, T) → (N, T, D): scaled embedding + sinusoid, then dropout."""
+        table = self.tgt_embed if (target and self.tgt_embed is not None) else self.embed
+        x = table(tokens) * math.sqrt(self.config.d_model) + self.pe[positions]
+        return self.embed_dropout(x)
+
+    def encode(self, src_ids: Tensor, src_pad_mask: Tensor) -> Tensor:
+        """src_ids (B, S), src_pad_mask (B, S) True at padding → memory (B, S, D)."""
+        positions = torch.arange(src_ids.shape[1], device=src_ids.device)
+        x = self.embed_tokens(src_ids, positions, target=False)
+        mask = src_pad_mask[:, None, None, :]  # (B, 1, 1, S)
+        for layer in self.encoder_layers:
+            x = layer(x, mask)
+        return self.encoder_norm(x)
+
+    def cross_kv(self, memory: Tensor) -> CrossKV:
+        """Each decoder layer's cross-attention K/V, (B, H, S, Dh) each: computed once per sentence."""
+        return tuple(layer.cross_attn.project_kv(memory) for layer in self.decoder_layers)
+
+    def empty_cache(self, n: int, device: torch.device | None = None, dtype: torch.dtype | None = None) -> DecoderCache:
+        """A cache of past length 0, so the first step runs the same code as every later one."""
+        shape = (n, self.config.n_heads, 0, self.config.head_dim)
+        dtype = dtype or self.embed.weight.dtype
+        return tuple(
+            (torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+            for _ in self.decoder_layers
+        )
+
+    def decode_step(
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        memory_or_cross_kv: Tensor | CrossKV,
+        src_pad_mask: Tensor,
+        cache: DecoderCache | None = None,
+    ) -> tuple[Tensor, DecoderCache, Tensor]:
+        """Run the decoder over ``tokens`` (N, T) that follow ``cache`` (past length P).
+
+        positions: (T,) absolute positions of ``tokens`` (P .. P+T-1). Returns log-probs (N, T, V), the
+        new cache (past length P+T) and the alignment layer's cross-attention averaged over heads (N, T, S).
+        """
+        return self._decode(tokens, positions, memory_or_cross_kv, src_pad_mask, cache, log_probs=True)
+
+    def _decode(
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        memory_or_cross_kv: Tensor | CrossKV,
+        src_pad_mask: Tensor,
+        cache: DecoderCache | None,
+        log_probs: bool,
+    ) -> tuple[Tensor, DecoderCache, Tensor]:
+        n, t = tokens.shape
+        if cache is None:
+            cache = self.empty_cache(n, tokens.device, self.embed.weight.dtype)
+        cross = self.cross_kv(memory_or_cross_kv) if isinstance(memory_or_cross_kv, Tensor) else memory_or_cross_kv
+        past_len = cache[0][0].shape[2]
+        # Query i (absolute position past_len + i) may see keys 0 .. past_len + i.
+        key_pos = torch.arange(past_len + t, device=tokens.device)
+        query_pos = torch.arange(t, device=tokens.device) + past_len
+        self_mask = key_pos[None, :] > query_pos[:, None]  # (T, P+T), True = future
+        cross_mask = src_pad_mask[:, None, None, :]  # (N, 1, 1, S)
+        x = self.embed_tokens(tokens, positions, target=True)
+        new_cache: list[KV] = []
+        alignment = None
+        for i, layer in enumerate(self.decoder_layers):
+            x, present, cross_weights = layer(x, cache[i], cross[i], self_mask, cross_mask)
+            new_cache.append(present)
+            if i == self.config.alignment_layer_index:
+                alignment = cross_weights.mean(dim=1)  # (N, T, S)
+        logits = self.project(self.decoder_norm(x))  # (N, T, V)
+        out = torch.log_softmax(logits.float(), dim=-1) if log_probs else logits
+        return out, tuple(new_cache), alignment
+
+    def project(self, x: Tensor) -> Tensor:
+        if self.output_proj is not None:
+            return self.output_proj(x)
+        return F.linear(x, self.tgt_embed.weight if self.tgt_embed is not None else self.embed.weight)
+
+    def forward(self, src_ids: Tensor, src_pad_mask: Tensor, tgt_in: Tensor) -> Tensor:
+        """Teacher-forced training pass: (B, S), (B, S), (B, T) → logits (B, T, V)."""
+        memory = self.encode(src_ids, src_pad_mask)
+        positions = torch.arange(tgt_in.shape[1], device=tgt_in.device)
+        logits, _, _ = self._decode(tgt_in, positions, memory, src_pad_mask, None, log_probs=False)
+        return logits
+
+
+def reorder_cache(cache: DecoderCache, index: Tensor) -> DecoderCache:
+    """Row i of the result continues row ``index[i]``: beam reordering, expansion and pruning in one gather."""
+    return tuple((k.index_select(0, index), v.index_select(0, index)) for k, v in cache)
+
+
+def reorder_cross_kv(cross: CrossKV, index: Tensor) -> CrossKV:
+    return reorder_cache(cross, index)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

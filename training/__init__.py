@@ -1,0 +1,1 @@
+"""Training: configs, data reading and batching, SentencePiece, the training loop."""
