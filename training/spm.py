@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 
 from model.config import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
@@ -30,7 +31,7 @@ def train_spm(
     character_coverage: float = 1.0,
     input_sentence_size: int = 2_000_000,
     seed: int = 1,
-    num_threads: int | None = None,
+    num_threads: int = 1,
 ) -> Path:
     """Train one joint model and return the path of ``{model_prefix}.model`` (``.vocab`` is written too).
 
@@ -38,7 +39,9 @@ def train_spm(
     line) and a ``str`` is one sentence. Pass the source and the target side of the training data, so
     both languages share the vocabulary (and, with tied embeddings, the embedding matrix).
     ``input_sentence_size`` caps how many sentences are sampled (0 = all). The same inputs and seed give
-    the same model. Both files appear atomically: a failed run leaves nothing at ``model_prefix``.
+    the same model file, byte for byte, on any machine; that holds for ``num_threads=1`` only (more
+    threads train faster but the pieces then depend on thread scheduling). Both files appear atomically:
+    a failed run leaves nothing at ``model_prefix``.
     """
     if model_type not in MODEL_TYPES:
         raise SpmError(f"unknown SentencePiece model_type {model_type!r}; choose one of {MODEL_TYPES}")
@@ -70,11 +73,12 @@ def train_spm(
                 bos_piece="<s>",
                 eos_piece="</s>",
                 hard_vocab_limit=False,  # a tiny corpus gets a smaller vocabulary instead of an error
-                num_threads=num_threads or min(16, os.cpu_count() or 1),
+                num_threads=num_threads,
                 minloglevel=2,
             )
         except RuntimeError as error:
             raise SpmError(_explain(str(error), vocab_size)) from error
+        _drop_temp_paths(tmp_prefix.with_suffix(".model"))
         for suffix in (".model", ".vocab"):
             os.replace(tmp_prefix.with_suffix(suffix), model_prefix.with_name(model_prefix.name + suffix))
     model_path = model_prefix.with_name(model_prefix.name + ".model")
@@ -82,6 +86,15 @@ def train_spm(
     if size < vocab_size:
         logger.warning("SentencePiece vocabulary has %d pieces, fewer than the %d asked", size, vocab_size)
     return model_path
+
+
+def _drop_temp_paths(model_file: Path) -> None:
+    """Clear the temporary input/prefix paths SentencePiece records, so the file depends on the data only."""
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model_file.read_bytes())
+    del proto.trainer_spec.input[:]
+    proto.trainer_spec.model_prefix = ""
+    model_file.write_bytes(proto.SerializeToString())
 
 
 def _write_corpus(sources: Iterable[str | Path], out: Path) -> int:

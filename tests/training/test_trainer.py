@@ -1,0 +1,239 @@
+"""mt-train end to end: a tiny model learns the copy task, exact resume after a kill, averaging, DDP, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import make_parallel, toy_pairs
+
+from model.search import SearchConfig
+from model.tokenizer import Tokenizer
+from model.weights import load_model
+from training.checkpoint import average_state_dicts, load_checkpoint, save_checkpoint, step_checkpoints
+from training.cli import main as mt_train
+from training.evaluate import translate_texts
+from training.loss import label_smoothed_nll_loss
+from training.schedule import noam_lr
+
+CONFIG = str(Path(__file__).parents[2] / "training" / "configs" / "multi30k_de_en.yaml")
+
+
+def read_lines(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+def toy_args(data_dir: Path, out: Path, *extra: str) -> list[str]:
+    settings = [
+        f"data.dir={data_dir}",
+        "data.src=src",
+        "data.tgt=tgt",
+        "data.valid=valid",
+        f"output_dir={out}",
+        "tokenizer.vocab_size=40",
+        "model.preset=tiny",
+        "train.batch_tokens=256",
+        "train.warmup_steps=10",
+        "train.eval_every=10",
+        "train.log_every=5",
+        "train.device=cpu",
+        "train.keep_last=3",
+        "train.average_last=2",
+        "eval.beam_size=2",
+        "eval.max_sentences=5",
+        *extra,
+    ]
+    return ["--config", CONFIG, *[a for s in settings for a in ("--set", s)]]
+
+
+@pytest.fixture
+def toy_dir(tmp_path: Path) -> Path:
+    data = tmp_path / "data"
+    data.mkdir()
+    make_parallel(data, toy_pairs(300, "reverse", seed=0), split="train")
+    make_parallel(data, toy_pairs(20, "reverse", seed=1), split="valid")
+    return data
+
+
+def test_tiny_model_learns_the_copy_task_exactly(trained_model_dir: Path, copy_task_dir: Path) -> None:
+    model, info = load_model(trained_model_dir)
+    tokenizer = Tokenizer(info.tokenizer_file)
+    sources = read_lines(copy_task_dir / "test.src")  # held out: never seen in training or validation
+    outputs = translate_texts(model, tokenizer, sources, SearchConfig(beam_size=4))
+    assert outputs == read_lines(copy_task_dir / "test.tgt")
+    greedy = translate_texts(model, tokenizer, sources, SearchConfig(beam_size=1))
+    assert greedy == read_lines(copy_task_dir / "test.tgt")
+
+
+def test_model_dir_records_config_scores_and_curves(trained_model_dir: Path) -> None:
+    meta = json.loads((trained_model_dir / "model.json").read_text())
+    assert meta["model"]["d_model"] == 32 and meta["source_lang"] == "src" and meta["target_lang"] == "tgt"
+    valid = meta["eval"]["valid"]
+    assert valid["bleu"] == 100.0 and valid["sentences"] == 50
+    assert valid["bleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:")
+    assert meta["training"]["steps"] == 2000 and meta["training"]["parameters"] > 0
+    assert meta["decoding"] == {"beam_size": 2, "length_penalty": 0.6, "max_length_offset": 50}
+    records = [json.loads(line) for line in (trained_model_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "valid"] == [500, 1000, 1500, 2000]
+    assert (trained_model_dir / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {p.name for p in (trained_model_dir / "checkpoints").iterdir()} == {
+        "best.pt",
+        "step_0001500.pt",
+        "step_0002000.pt",
+    }
+
+
+def test_resume_continues_and_says_so(toy_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    assert mt_train(toy_args(toy_dir, out, "train.max_steps=10")) == 0
+    assert mt_train(toy_args(toy_dir, out, "train.max_steps=20") + ["--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "resumed from" in err and "at step 10" in err
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["training"]["steps"] == 20
+
+
+def assert_same_training_state(a: Path, b: Path) -> None:
+    sa, sb = load_checkpoint(a), load_checkpoint(b)
+    for key, value in sa["model"].items():
+        assert torch.equal(value, sb["model"][key]), key
+    for i, state in sa["optimizer"]["state"].items():
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(state[name], sb["optimizer"]["state"][i][name]), (i, name)
+    assert sa["progress"]["step"] == sb["progress"]["step"]
+    assert sa["progress"]["tokens_seen"] == sb["progress"]["tokens_seen"]
+
+
+def test_resume_after_a_kill_is_bit_exact(toy_dir: Path, tmp_path: Path) -> None:
+    """A run killed with SIGKILL and resumed ends with the same weights and Adam moments, bit for bit."""
+    straight = tmp_path / "straight"
+    assert mt_train(toy_args(toy_dir, straight, "train.max_steps=40", "model.dropout=0.3")) == 0
+
+    killed = tmp_path / "killed"
+    args = toy_args(toy_dir, killed, "train.max_steps=100000", "model.dropout=0.3")
+    proc = subprocess.Popen([sys.executable, "-m", "training.cli", *args], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (killed / "checkpoints" / "step_0000020.pt").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the run never reached step 20"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    resumed_from = max(step for step, _ in step_checkpoints(killed / "checkpoints"))
+    assert 20 <= resumed_from < 40
+    assert mt_train(toy_args(toy_dir, killed, "train.max_steps=40", "model.dropout=0.3") + ["--resume"]) == 0
+    assert_same_training_state(straight / "checkpoints" / "step_0000040.pt", killed / "checkpoints" / "step_0000040.pt")
+    for name in ("weights.safetensors",):
+        assert (straight / name).read_bytes() == (killed / name).read_bytes()
+
+
+def test_refuses_to_clobber_a_run_or_resume_nothing(toy_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert mt_train(toy_args(toy_dir, out, "train.max_steps=10")) == 0
+    assert mt_train(toy_args(toy_dir, out, "train.max_steps=10")) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert mt_train(toy_args(toy_dir, tmp_path / "fresh", "train.max_steps=10") + ["--resume"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("mismatch", "differ"),
+        ("empty", "empty"),
+        ("missing", "valid"),
+    ],
+)
+def test_bad_data_fails_before_training(tmp_path: Path, setup: str, message: str, capsys) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    make_parallel(data, toy_pairs(30, seed=0), split="train")
+    make_parallel(data, toy_pairs(5, seed=1), split="valid")
+    if setup == "mismatch":
+        (data / "train.tgt").write_text("only one line\n")
+    elif setup == "empty":
+        (data / "train.src").write_text("")
+        (data / "train.tgt").write_text("")
+    else:
+        (data / "valid.src").unlink()
+    assert mt_train(toy_args(data, tmp_path / "out", "train.max_steps=5")) == 2
+    err = capsys.readouterr().err
+    assert message in err.lower()
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_bad_config_fails_fast_with_every_problem(tmp_path: Path, capsys) -> None:
+    args = toy_args(tmp_path, tmp_path / "out", "model.n_heads=3", "train.max_stepz=5")
+    assert mt_train(args) == 2
+    err = capsys.readouterr().err
+    assert "n_heads (3) must divide d_model (32)" in err
+    assert "did you mean 'train.max_steps'" in err or "max_stepz" in err
+
+
+def test_checkpoint_average_is_the_elementwise_mean(tmp_path: Path) -> None:
+    a = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.0])}
+    b = {"w": torch.tensor([3.0, 6.0]), "b": torch.tensor([1.0])}
+    save_checkpoint({"model": a}, tmp_path / "step_0000001.pt")
+    save_checkpoint({"model": b}, tmp_path / "step_0000002.pt")
+    avg = average_state_dicts([tmp_path / "step_0000001.pt", tmp_path / "step_0000002.pt"])
+    assert torch.equal(avg["w"], torch.tensor([2.0, 4.0])) and torch.equal(avg["b"], torch.tensor([0.5]))
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporary files
+
+
+def test_label_smoothed_loss_matches_torch_cross_entropy() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 11, generator=g)
+    target = torch.randint(1, 11, (2, 5), generator=g)
+    target[1, 3:] = 0
+    loss, nll = label_smoothed_nll_loss(logits, target, 0.1, pad_id=0)
+    ref = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, 11), target.reshape(-1), ignore_index=0, label_smoothing=0.1, reduction="sum"
+    )
+    ref_nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, 11), target.reshape(-1), ignore_index=0, reduction="sum"
+    )
+    assert torch.allclose(loss, ref, atol=1e-5) and torch.allclose(nll, ref_nll, atol=1e-5)
+
+
+def test_noam_schedule_peaks_at_warmup() -> None:
+    lrs = [noam_lr(s, 512, 4000) for s in range(1, 20001)]
+    assert max(range(len(lrs)), key=lrs.__getitem__) + 1 == 4000
+    assert noam_lr(4000, 512, 4000) == pytest.approx(512**-0.5 * 4000**-0.5)
+    assert noam_lr(16000, 512, 4000, scale=2.0) == pytest.approx(2 * 512**-0.5 * 16000**-0.5)
+
+
+def test_ddp_two_cpu_processes_write_the_same_model_dir_shape(toy_dir: Path, tmp_path: Path) -> None:
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun, "torchrun ships with torch"
+    single, double = tmp_path / "one", tmp_path / "two"
+    assert mt_train(toy_args(toy_dir, single, "train.max_steps=10")) == 0
+    cmd = [
+        torchrun,
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "training.cli",
+        *toy_args(toy_dir, double, "train.max_steps=10"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    meta_one = json.loads((single / "model.json").read_text())
+    meta_two = json.loads((double / "model.json").read_text())
+    assert meta_two["training"]["world_size"] == 2 and meta_one["training"]["world_size"] == 1
+    assert meta_two["model"] == meta_one["model"]
+    one, _ = load_model(single)
+    two, _ = load_model(double)
+    assert {k: v.shape for k, v in one.state_dict().items()} == {k: v.shape for k, v in two.state_dict().items()}
+    # Each rank saw its own half of every step's batches, so the runs differ but both trained.
+    assert meta_two["training"]["tokens_seen"] > 0
+    assert not torch.equal(one.embed.weight, two.embed.weight)

@@ -1,0 +1,63 @@
+"""Training checkpoints: atomic writes, keep the best and the last K, average the last K."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """torch.save to a temporary file, fsync, then rename: a kill mid-write never leaves a torn file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def step_checkpoints(directory: Path) -> list[tuple[int, Path]]:
+    """``step_*.pt`` files in step order."""
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := STEP_FILE.match(p.name))]
+    return sorted(found)
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    ckpts = step_checkpoints(directory)
+    return ckpts[-1][1] if ckpts else None
+
+
+def prune_checkpoints(directory: Path, keep_last: int) -> None:
+    """Delete all but the last ``keep_last`` step checkpoints (``best.pt`` is a separate file)."""
+    for _, path in step_checkpoints(directory)[:-keep_last]:
+        path.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    # Our own files: they hold RNG states and optimizer state, which need full unpickling.
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def average_state_dicts(paths: list[Path]) -> dict[str, torch.Tensor]:
+    """Element-wise mean of the model weights of several checkpoints (the paper averages the last 5)."""
+    if not paths:
+        raise ValueError("no checkpoints to average")
+    total: dict[str, torch.Tensor] = {}
+    for path in paths:
+        state = load_checkpoint(path)["model"]
+        for key, value in state.items():
+            value = value.detach().to(torch.float64)
+            total[key] = total[key] + value if key in total else value.clone()
+    log.info("averaged %d checkpoints: %s", len(paths), ", ".join(p.name for p in paths))
+    return {key: (value / len(paths)).to(torch.float32) for key, value in total.items()}
