@@ -111,7 +111,8 @@ class OptimConfig:
     clip_norm: float = _at_least(0.0, 0.0)  # 0 = off
     amp: str = _choice("auto", ("auto", "none", "bf16", "fp16"))
     device: str = _choice("auto", ("auto", "cpu", "cuda"))
-    eval_every: int = _positive(1000)
+    eval_every: int = _positive(1000)  # validation loss + BLEU (and a checkpoint)
+    save_every: int = _at_least(0, 0)  # extra checkpoints between evaluations (0 = only at evaluations)
     log_every: int = _positive(50)
     keep_last: int = _positive(5)
     average_last: int = _at_least(5, 0)  # 0 or 1 = no averaging

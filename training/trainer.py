@@ -228,6 +228,8 @@ class Trainer:
                 window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
             if p.step % cfg.eval_every == 0 or p.step == cfg.max_steps:
                 self.evaluate_and_save()
+            elif cfg.save_every and p.step % cfg.save_every == 0:
+                self.save()
         bar.close()
         return self.out
 
@@ -303,12 +305,18 @@ class Trainer:
             is_best = result["bleu"] > p.best_bleu
             if is_best:
                 p.best_bleu, p.best_step = result["bleu"], p.step
-            state = self.checkpoint_state()
-            save_checkpoint(state, self.ckpt_dir / f"step_{p.step:07d}.pt")
-            if is_best:
-                save_checkpoint(state, self.ckpt_dir / "best.pt")
-            prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_last)
+            self.save(is_best)
         barrier(self.dist)
+
+    def save(self, is_best: bool = False) -> None:
+        """A step checkpoint (and ``best.pt``), keeping the last ``train.keep_last``; rank 0 only."""
+        if not self.dist.is_main:
+            return
+        state = self.checkpoint_state()
+        save_checkpoint(state, self.ckpt_dir / f"step_{self.progress.step:07d}.pt")
+        if is_best:
+            save_checkpoint(state, self.ckpt_dir / "best.pt")
+        prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_last)
 
     def checkpoint_state(self) -> dict[str, Any]:
         return {
