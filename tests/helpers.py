@@ -91,6 +91,7 @@ def copy_task_overrides(data_dir: Path, output_dir: Path) -> list[str]:
         "train.warmup_steps=200",
         "train.lr_scale=1.0",
         "train.eval_every=500",
+        "train.save_every=0",
         "train.log_every=100",
         "train.device=cpu",
         "train.keep_last=2",

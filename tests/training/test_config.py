@@ -122,7 +122,7 @@ def test_multi30k_recipe_loads(tmp_path: Path) -> None:
     cfg = load_config(RECIPE, [f"data.dir={tmp_path}"])
     assert (cfg.data.src, cfg.data.tgt, cfg.tokenizer.vocab_size) == ("de", "en", 8000)
     model = cfg.model.build(cfg.tokenizer.vocab_size)
-    assert (model.d_model, model.n_heads, model.d_ff, model.n_encoder_layers, model.dropout) == (256, 4, 1024, 3, 0.3)
+    assert (model.d_model, model.n_heads, model.d_ff, model.n_encoder_layers, model.dropout) == (256, 4, 1024, 3, 0.2)
     assert (cfg.eval.beam_size, cfg.eval.length_penalty, cfg.train.average_last) == (4, 0.6, 5)
 
 
