@@ -1,0 +1,265 @@
+"""onnxruntime sessions of an exported model and the step functions that ``model.search`` drives (no torch).
+
+- :class:`OrtModel` holds one variant's encoder and decoder sessions, checked against ``export.signature``.
+- :class:`OrtStepFunction` implements the search's step-function contract on host (numpy) buffers: each
+  step feeds the previous step's present K/V back as the past, with the search's reorder index, which the
+  decoder graph applies itself. The cross-attention K/V are gathered on the host only when the rows'
+  sentences change (expansion to beams, finished sentences dropped), not on every step.
+- :class:`IoBindingStepFunction` is the same with every K/V tensor kept on the session's device (CUDA)
+  between steps through IO binding; only tokens, indices and the mask go in, log-probs and attention out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from export.signature import VARIANTS, GraphSignature, decoder_signature, encoder_signature, kv_names
+from model.config import ModelConfig
+from model.model_dir import read_model_dir
+
+CPU = ("CPUExecutionProvider",)
+OPTIMIZATION_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+class OrtModelError(ValueError):
+    """ONNX files that are missing or do not match the declared signature; the message says what to re-run."""
+
+
+def session_options(intra_op_threads: int = 0, optimization: str = "all", spin: bool = False) -> ort.SessionOptions:
+    """Session options chosen for decoding one step at a time, with the search running between steps.
+
+    ``intra_op_threads`` parallelises inside each op (the MatMuls); 0 leaves onnxruntime's default, one
+    thread per physical core; give fewer when several engines share a machine. A step is a chain of
+    small dependent ops, so there is nothing for inter-op parallelism to run: execution is sequential.
+    ``spin`` off: idle worker threads sleep instead of busy-waiting for the next op, so they leave the
+    cores to the numpy search between steps (and to other processes); on a busy 2-core machine this
+    doubled ORT fp32 throughput of the small preset. ``optimization`` "all" adds layout and fusion
+    passes (LayerNorm, MatMul+Add, attention subgraphs) to constant folding (about 10% faster than
+    "extended" there); graphs are optimised when a session is created, so one file serves every provider.
+    """
+    if optimization not in OPTIMIZATION_LEVELS:
+        raise ValueError(f"unknown optimization level {optimization!r}; choose one of {sorted(OPTIMIZATION_LEVELS)}")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    return options
+
+
+def _check_signature(session: ort.InferenceSession, signature: GraphSignature, path: Path) -> None:
+    got_in = [i.name for i in session.get_inputs()]
+    got_out = [o.name for o in session.get_outputs()]
+    if got_in != signature.input_names or got_out != signature.output_names:
+        raise OrtModelError(
+            f"{path} does not match the declared {signature.name} signature (inputs {got_in}, outputs {got_out}; "
+            f"expected {signature.input_names} → {signature.output_names}): re-export with `mt-export --force`"
+        )
+
+
+class OrtModel:
+    """One variant's encoder and decoder sessions, and the model config they were exported from."""
+
+    def __init__(
+        self, encoder: ort.InferenceSession, decoder: ort.InferenceSession, config: ModelConfig, variant: str
+    ) -> None:
+        self.encoder = encoder
+        self.decoder = decoder
+        self.config = config
+        self.variant = variant
+        self.encoder_signature = encoder_signature(config)
+        self.decoder_signature = decoder_signature(config)
+        past_type = decoder.get_inputs()[self.decoder_signature.input_names.index("past_key_0")].type
+        self.cache_dtype = np.dtype(_NUMPY_TYPES[past_type])
+        self.past_names = kv_names("past", config.n_decoder_layers)
+        self.cross_names = kv_names("cross", config.n_decoder_layers)
+        self._gather_session: ort.InferenceSession | None = None
+
+    @classmethod
+    def from_files(
+        cls,
+        encoder_path: str | Path,
+        decoder_path: str | Path,
+        config: ModelConfig,
+        variant: str = "fp32",
+        providers: Sequence[str] = CPU,
+        options: ort.SessionOptions | None = None,
+    ) -> OrtModel:
+        options = options or session_options()
+        sessions = []
+        for path, signature in ((encoder_path, encoder_signature(config)), (decoder_path, decoder_signature(config))):
+            path = Path(path)
+            if not path.is_file():
+                flag = "" if variant == "fp32" else f" --{variant}"
+                raise OrtModelError(f"{path} is missing: run `mt-export {path.parent.parent}{flag} --force`")
+            session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+            _check_signature(session, signature, path)
+            sessions.append(session)
+        return cls(sessions[0], sessions[1], config, variant)
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | Path,
+        variant: str = "fp32",
+        providers: Sequence[str] = CPU,
+        options: ort.SessionOptions | None = None,
+    ) -> OrtModel:
+        """The ``variant`` ("fp32", "int8", "fp16") of ``model_dir/onnx/``, with the config from model.json."""
+        if variant not in VARIANTS:
+            raise OrtModelError(f"unknown ONNX variant {variant!r}; choose one of {sorted(VARIANTS)}")
+        info = read_model_dir(model_dir)
+        enc_file, dec_file, _ = VARIANTS[variant]
+        onnx_dir = info.path / "onnx"
+        return cls.from_files(onnx_dir / enc_file, onnx_dir / dec_file, info.config, variant, providers, options)
+
+    def encode(self, src_ids: np.ndarray, src_pad_mask: np.ndarray) -> list[np.ndarray]:
+        """Each decoder layer's cross K/V, flattened (key_0, value_0, ...), each (B, H, S, Dh)."""
+        feeds = {"src_ids": np.asarray(src_ids, dtype=np.int64), "src_pad_mask": np.asarray(src_pad_mask, dtype=bool)}
+        return self.encoder.run(None, feeds)
+
+    def step_function(self, src_ids: np.ndarray, src_pad_mask: np.ndarray) -> OrtStepFunction:
+        return OrtStepFunction(self, src_ids, src_pad_mask)
+
+    def empty_cache(self, n_rows: int) -> list[np.ndarray]:
+        """Past K/V of length 0 for every layer, so the first step runs the same graph as every other."""
+        shape = (n_rows, self.config.n_heads, 0, self.config.head_dim)
+        return [np.zeros(shape, dtype=self.cache_dtype) for _ in self.past_names]
+
+    def gather_session(self) -> ort.InferenceSession:
+        """A Gather graph on the decoder's provider, to reorder cross K/V where they live (on the device)."""
+        if self._gather_session is None:
+            providers = self.decoder.get_providers()
+            provider_options = [self.decoder.get_provider_options()[p] for p in providers]
+            graph = _gather_graph(len(self.cross_names), self.cache_dtype)
+            self._gather_session = ort.InferenceSession(graph, providers=providers, provider_options=provider_options)
+        return self._gather_session
+
+
+class OrtStepFunction:
+    """Step function over host buffers: ``(tokens (N,), step, reorder (N,) | None) → (log_probs, cross_attn)``."""
+
+    def __init__(self, model: OrtModel, src_ids: np.ndarray, src_pad_mask: np.ndarray) -> None:
+        self.model = model
+        self.base_mask = np.asarray(src_pad_mask, dtype=bool)
+        self.base_cross = self._encode(np.asarray(src_ids, dtype=np.int64))  # each (B, H, S, Dh)
+        self.row_sentence = np.arange(self.base_mask.shape[0])  # the sentence of each current row
+        self.cross = self.base_cross
+        self.mask = self.base_mask
+        self.past = self._empty_past(self.base_mask.shape[0])
+
+    def __call__(self, tokens: np.ndarray, step: int, reorder: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if reorder is None:  # first step: every row continues itself (from an empty past)
+            reorder = np.arange(tokens.shape[0], dtype=np.int64)
+        else:
+            reorder = np.asarray(reorder, dtype=np.int64)
+            row_sentence = self.row_sentence[reorder]
+            if not np.array_equal(row_sentence, self.row_sentence):  # expansion or finished sentences
+                self.cross = self._gather_cross(row_sentence)
+                self.mask = self.base_mask[row_sentence]
+                self.row_sentence = row_sentence
+        return self._run(tokens[:, None], np.array([step], dtype=np.int64), reorder)
+
+    def _encode(self, src_ids: np.ndarray) -> list:
+        return self.model.encode(src_ids, self.base_mask)
+
+    def _empty_past(self, n_rows: int) -> list:
+        return self.model.empty_cache(n_rows)
+
+    def _gather_cross(self, row_sentence: np.ndarray) -> list:
+        return [np.take(kv, row_sentence, axis=0) for kv in self.base_cross]
+
+    def _run(self, tokens: np.ndarray, step: np.ndarray, reorder: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        feeds = {
+            "tokens": tokens,  # (N, 1)
+            "step": step,  # (1,)
+            "reorder": reorder,  # (N,)
+            "src_pad_mask": self.mask,  # (N, S)
+            **dict(zip(self.model.past_names, self.past, strict=True)),
+            **dict(zip(self.model.cross_names, self.cross, strict=True)),
+        }
+        log_probs, cross_attn, *self.past = self.model.decoder.run(None, feeds)
+        return log_probs, cross_attn
+
+
+class IoBindingStepFunction(OrtStepFunction):
+    """The same contract with every K/V tensor on the device: present K/V are bound as the next past.
+
+    ``device`` is onnxruntime's device name for the sessions' provider ("cuda"; "cpu" works too, for
+    tests). The cross K/V are computed once on the device and re-gathered there (a small Gather graph)
+    when the rows' sentences change. Per step only tokens, step, reorder and mask are copied in (bytes
+    per row) and log-probs and attention copied out, as the search needs them on the host.
+    """
+
+    def __init__(
+        self, model: OrtModel, src_ids: np.ndarray, src_pad_mask: np.ndarray, device: str = "cuda", device_id: int = 0
+    ) -> None:
+        self.device, self.device_id = device, device_id
+        super().__init__(model, src_ids, src_pad_mask)
+
+    def _encode(self, src_ids: np.ndarray) -> list:
+        binding = self.model.encoder.io_binding()
+        binding.bind_cpu_input("src_ids", src_ids)
+        binding.bind_cpu_input("src_pad_mask", self.base_mask)
+        for name in self.model.encoder_signature.output_names:
+            binding.bind_output(name, self.device, self.device_id)
+        self.model.encoder.run_with_iobinding(binding)
+        return binding.get_outputs()  # OrtValues on the device
+
+    def _empty_past(self, n_rows: int) -> list:
+        empty = self.model.empty_cache(n_rows)
+        return [ort.OrtValue.ortvalue_from_numpy(e, self.device, self.device_id) for e in empty]
+
+    def _gather_cross(self, row_sentence: np.ndarray) -> list:
+        session = self.model.gather_session()
+        binding = session.io_binding()
+        binding.bind_cpu_input("index", row_sentence.astype(np.int64))
+        for i, value in enumerate(self.base_cross):
+            binding.bind_ortvalue_input(f"x{i}", value)
+            binding.bind_output(f"y{i}", self.device, self.device_id)
+        session.run_with_iobinding(binding)
+        return binding.get_outputs()
+
+    def _run(self, tokens: np.ndarray, step: np.ndarray, reorder: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        decoder = self.model.decoder
+        binding = decoder.io_binding()
+        for name, array in (("tokens", tokens), ("step", step), ("reorder", reorder), ("src_pad_mask", self.mask)):
+            binding.bind_cpu_input(name, array)
+        for name, value in zip(self.model.past_names + self.model.cross_names, self.past + self.cross, strict=True):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("log_probs", "cpu")
+        binding.bind_output("cross_attn", "cpu")
+        for name in self.model.decoder_signature.output_names[2:]:
+            binding.bind_output(name, self.device, self.device_id)
+        decoder.run_with_iobinding(binding)
+        log_probs, cross_attn, *self.past = binding.get_outputs()
+        return log_probs.numpy(), cross_attn.numpy()
+
+
+def _gather_graph(n_tensors: int, dtype: np.dtype) -> bytes:
+    """ONNX bytes of ``y_i = Gather(x_i, index, axis=0)`` for ``n_tensors`` tensors of rank 4."""
+    from onnx import TensorProto, helper  # only the device path needs it
+
+    elem = helper.np_dtype_to_tensor_dtype(dtype)
+    shape = ["rows", "heads", "src_len", "head_dim"]
+    graph = helper.make_graph(
+        [helper.make_node("Gather", [f"x{i}", "index"], [f"y{i}"], axis=0) for i in range(n_tensors)],
+        "cross_gather",
+        [helper.make_tensor_value_info("index", TensorProto.INT64, ["n"])]
+        + [helper.make_tensor_value_info(f"x{i}", elem, shape) for i in range(n_tensors)],
+        [helper.make_tensor_value_info(f"y{i}", elem, ["n", *shape[1:]]) for i in range(n_tensors)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    return model.SerializeToString()

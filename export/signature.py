@@ -1,0 +1,101 @@
+"""The one declaration of the ONNX graphs: input/output names, dtypes and axes, used by export and validation.
+
+Torch-free, so the service can check the graphs it loads against the same declaration.
+
+encoder.onnx  src_ids (batch, src_len) int64, src_pad_mask (batch, src_len) bool (True = padding)
+              → cross_key_{i}, cross_value_{i} (batch, heads, src_len, head_dim) for each decoder layer i
+decoder.onnx  one step: tokens (rows, 1) int64, step (1,) int64 (the tokens' position = past length),
+              reorder (rows,) int64 (row r continues previous row reorder[r]; the graph gathers the past with it),
+              src_pad_mask (rows, src_len) bool, past_key_{i}/past_value_{i} (prev_rows, heads, past_len, head_dim),
+              cross_key_{i}/cross_value_{i} (rows, heads, src_len, head_dim)
+              → log_probs (rows, vocab) float32, cross_attn (rows, src_len) float32 (the alignment layer,
+              head mean), present_key_{i}/present_value_{i} (rows, heads, past_len + 1, head_dim)
+
+K/V tensors are in the variant's cache dtype (float32; float16 for the fp16 variant); log-probs and
+attention are always float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from model.config import ModelConfig
+
+CACHE = "cache"  # dtype placeholder: the variant's K/V dtype
+
+# Variant → (encoder file, decoder file, cache dtype) inside MODEL_DIR/onnx/.
+VARIANTS: dict[str, tuple[str, str, str]] = {
+    "fp32": ("encoder.onnx", "decoder.onnx", "float32"),
+    "int8": ("encoder.int8.onnx", "decoder.int8.onnx", "float32"),
+    "fp16": ("encoder.fp16.onnx", "decoder.fp16.onnx", "float16"),
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: a str axis is symbolic (dynamic), an int axis is fixed."""
+
+    name: str
+    dtype: str  # numpy dtype name, or CACHE
+    axes: tuple[str | int, ...]
+
+    def resolved_dtype(self, cache_dtype: str) -> str:
+        return cache_dtype if self.dtype == CACHE else self.dtype
+
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: axis for i, axis in enumerate(self.axes) if isinstance(axis, str)}
+
+
+@dataclass(frozen=True)
+class GraphSignature:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [spec.name for spec in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [spec.name for spec in self.outputs]
+
+
+def kv_names(prefix: str, n_layers: int) -> list[str]:
+    """``{prefix}_key_0, {prefix}_value_0, {prefix}_key_1, ...``: the flattened order of a per-layer K/V."""
+    return [f"{prefix}_{kind}_{i}" for i in range(n_layers) for kind in ("key", "value")]
+
+
+def _kv_specs(prefix: str, cfg: ModelConfig, rows: str, length: str) -> tuple[TensorSpec, ...]:
+    axes = (rows, cfg.n_heads, length, cfg.head_dim)
+    return tuple(TensorSpec(name, CACHE, axes) for name in kv_names(prefix, cfg.n_decoder_layers))
+
+
+def encoder_signature(cfg: ModelConfig) -> GraphSignature:
+    return GraphSignature(
+        name="encoder",
+        inputs=(
+            TensorSpec("src_ids", "int64", ("batch", "src_len")),
+            TensorSpec("src_pad_mask", "bool", ("batch", "src_len")),
+        ),
+        outputs=_kv_specs("cross", cfg, "batch", "src_len"),
+    )
+
+
+def decoder_signature(cfg: ModelConfig) -> GraphSignature:
+    return GraphSignature(
+        name="decoder",
+        inputs=(
+            TensorSpec("tokens", "int64", ("rows", 1)),
+            TensorSpec("step", "int64", (1,)),
+            TensorSpec("reorder", "int64", ("rows",)),
+            TensorSpec("src_pad_mask", "bool", ("rows", "src_len")),
+            *_kv_specs("past", cfg, "prev_rows", "past_len"),
+            *_kv_specs("cross", cfg, "rows", "src_len"),
+        ),
+        outputs=(
+            TensorSpec("log_probs", "float32", ("rows", cfg.vocab_size)),
+            TensorSpec("cross_attn", "float32", ("rows", "src_len")),
+            *_kv_specs("present", cfg, "rows", "past_len + 1"),
+        ),
+    )

@@ -1,0 +1,56 @@
+"""mt-export from the command line: the manifest it writes, refusing to overwrite, and errors that say what to do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from export.cli import main as mt_export
+from export.manifest import changed_files, read_manifest
+from export.validate import PARITY_SHAPES, TOLERANCES
+
+
+def test_manifest_holds_hashes_versions_and_parity_figures(exported_model_dir: Path) -> None:
+    onnx_dir = exported_model_dir / "onnx"
+    manifest = read_manifest(onnx_dir)
+    assert changed_files(onnx_dir, manifest) == []
+    assert set(manifest["files"]) == {f"{g}{s}.onnx" for g in ("encoder", "decoder") for s in ("", ".int8", ".fp16")}
+    assert manifest["exporter"]["opset"] >= 17
+    assert {"torch", "onnx", "onnxruntime"} <= set(manifest["exporter"]["versions"])
+    for name, entry in manifest["variants"].items():
+        parity = entry["step_parity"]
+        assert parity["passed"] and parity["tolerance"] == TOLERANCES[name]
+        shapes = [(c["batch"], c["src_len"], c["past_len"]) for c in parity["cases"]]
+        assert shapes == list(PARITY_SHAPES)
+        assert parity["max_abs_diff_log_probs"] <= TOLERANCES[name]
+        assert entry["bleu"] is not None
+    fp32 = manifest["variants"]["fp32"]
+    assert fp32["beam_parity"]["identical"] == fp32["beam_parity"]["sentences"] == manifest["evaluation"]["sentences"]
+    assert fp32["beam_parity"]["differences"] == []
+    assert manifest["evaluation"]["bleu_signature"].startswith("nrefs:1")
+    int8 = manifest["variants"]["int8"]
+    assert int8["recommended"] == (fp32["bleu"] - int8["bleu"] <= 0.5)
+
+
+def test_refuses_to_overwrite_without_force(exported_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest_path = exported_model_dir / "onnx" / "manifest.json"
+    before = manifest_path.read_bytes()
+    assert mt_export([str(exported_model_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "onnx already exists" in err and "add --force" in err
+    assert manifest_path.read_bytes() == before
+
+
+def test_bad_arguments_fail_before_touching_the_export(
+    exported_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = (exported_model_dir / "onnx" / "manifest.json").read_bytes()
+    src = tmp_path / "valid.src"
+    src.write_text("w01 w02\nw03\n", encoding="utf-8")
+    args = [str(exported_model_dir), "--force", "--valid-src", str(src), "--valid-ref", str(tmp_path / "missing")]
+    assert mt_export(args) == 1
+    assert "validation file not found" in capsys.readouterr().err
+    assert (exported_model_dir / "onnx" / "manifest.json").read_bytes() == before
+    assert mt_export([str(tmp_path / "no_model")]) == 1
+    assert "model directory not found" in capsys.readouterr().err
