@@ -1,8 +1,93 @@
-"""mt-serve: placeholder until the service lands (issue 4)."""
+"""mt-serve [--model DIR ...] [--host H] [--port P]: check the model dirs, then serve them with uvicorn.
 
+Every model dir is checked before the server starts (model.json, tokenizer, ONNX manifest and file hashes),
+so a missing or corrupt one ends the command with a non-zero status and a message naming the file. SIGTERM
+or Ctrl-C stops accepting connections, lets in-flight requests finish, drains the batchers, then exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
 import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from model.model_dir import ModelDirError
+from service.engine import EngineError, check_model_dir, resolve_device
+from service.logs import configure_logging
+from service.registry import describe
+from service.settings import Settings
+
+logger = logging.getLogger("service.cli")
+
+GRACE_S = 5  # added to the request timeout for in-flight requests to finish on shutdown
 
 
-def main() -> int:
-    print("mt-serve is not yet available: the HTTP service lands with issue 4.", file=sys.stderr)
-    return 2
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="mt-serve",
+        description="Serve translation models over HTTP (settings: MT_* environment variables, see the README).",
+    )
+    parser.add_argument(
+        "--model", action="append", type=Path, metavar="DIR", help="model directory (repeat for several; MT_MODELS)"
+    )
+    parser.add_argument("--host", help="address to listen on (MT_HOST, default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to listen on (MT_PORT, default 8000)")
+    return parser.parse_args(argv)
+
+
+def load_settings(args: argparse.Namespace) -> Settings:
+    overrides = {
+        key: value for key, value in (("models", args.model), ("host", args.host), ("port", args.port)) if value
+    }
+    return Settings(**overrides)
+
+
+def check_models(settings: Settings) -> None:
+    """Raise ModelDirError/EngineError for the first model dir that cannot be served, or two serving one pair."""
+    device = resolve_device(settings.device)
+    seen: dict[tuple[str, str], Path] = {}
+    for path in settings.models:
+        info = check_model_dir(path, settings.variant, device).info
+        pair = (info.source_lang, info.target_lang)
+        if pair in seen:
+            raise ModelDirError(
+                f"{path / 'model.json'} and {seen[pair] / 'model.json'} both translate {describe([pair])}"
+            )
+        seen[pair] = path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        settings = load_settings(args)
+    except ValidationError as error:
+        print(f"mt-serve: error: invalid settings:\n{error}", file=sys.stderr)
+        return 2
+    try:
+        check_models(settings)
+    except (ModelDirError, EngineError) as error:
+        print(f"mt-serve: error: {error}", file=sys.stderr)
+        return 1
+    configure_logging(settings.log_level, settings.log_json)
+
+    import uvicorn  # here, so that a bad model dir is reported without loading the web stack
+
+    from service.app import create_app
+
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.request_timeout_s) + GRACE_S,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

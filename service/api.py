@@ -1,0 +1,149 @@
+"""HTTP routes only: each one reads its dependencies and hands the work to the layers below."""
+
+from __future__ import annotations
+
+import asyncio
+from importlib import resources
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from service import translate as translation
+from service.logs import request_id_var
+from service.registry import Registry
+from service.schemas import ErrorBody, Health, ModelOut, ModelsResponse, TranslateRequest, TranslateResponse
+from service.settings import Settings, get_settings
+from service.state import NotReady, ServiceState
+
+router = APIRouter()
+
+JSON_TYPES = ("application/json",)
+
+
+def get_state(request: Request) -> ServiceState:
+    return request.app.state.service
+
+
+def get_registry(state: Annotated[ServiceState, Depends(get_state)]) -> Registry:
+    if state.registry is None or state.draining:
+        raise NotReady(_not_ready_detail(state))
+    return state.registry
+
+
+def require_json(request: Request) -> None:
+    """415 unless the body is declared as JSON (a missing Content-Type is read as JSON)."""
+    content_type = request.headers.get("content-type")
+    if content_type is None:
+        return
+    media = content_type.split(";")[0].strip().lower()
+    if media not in JSON_TYPES and not media.endswith("+json"):
+        raise HTTPException(415, f"Content-Type {media!r} is not supported: send a JSON body as application/json")
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StateDep = Annotated[ServiceState, Depends(get_state)]
+RegistryDep = Annotated[Registry, Depends(get_registry)]
+
+ERRORS = {
+    status: {"model": ErrorBody, "description": text}
+    for status, text in {
+        400: "the body is not valid JSON",
+        404: "no model for this language pair",
+        413: "too many texts or characters",
+        415: "the body is not JSON",
+        422: "a field is invalid",
+        500: "decoding failed (the body names the request id)",
+        503: "not ready, queue full or timed out (see Retry-After)",
+    }.items()
+}
+
+
+def _not_ready_detail(state: ServiceState) -> str:
+    if state.draining:
+        return "the server is shutting down; retry on another instance"
+    if state.error:
+        return f"models failed to load: {state.error}"
+    return "models are loading; retry shortly"
+
+
+async def _until_disconnect(request: Request) -> None:
+    """Returns when the client goes away (the body is already read, so the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+@router.post(
+    "/v1/translate",
+    response_model=TranslateResponse,
+    response_model_exclude_none=True,
+    responses=ERRORS,
+    dependencies=[Depends(require_json)],
+    summary="Translate one text or a list of texts",
+)
+async def translate(
+    body: TranslateRequest, request: Request, registry: RegistryDep, settings: SettingsDep
+) -> TranslateResponse | Response:
+    served = registry.resolve(body.source, body.target)
+    translation.check_limits(body, settings, served)
+    work = asyncio.ensure_future(translation.translate(body, served, settings, request_id_var.get()))
+    gone = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():  # the client left: cancelling drops its still-queued sentences
+            work.cancel()
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if not work.cancelled():
+            raise
+        return Response(status_code=499)  # nobody is listening; the status is for the log and metrics
+
+
+@router.get("/v1/models", response_model=ModelsResponse, responses=ERRORS, summary="Loaded models and their pairs")
+async def models(registry: RegistryDep) -> ModelsResponse:
+    out = []
+    for served in registry.models.values():
+        info = served.engine.info
+        valid = info.metadata.get("eval", {}).get("valid", {})
+        out.append(
+            ModelOut(
+                name=info.name,
+                source=info.source_lang,
+                target=info.target_lang,
+                variant=served.engine.variant,
+                device=served.engine.device,
+                bleu=valid.get("bleu"),
+                bleu_signature=valid.get("bleu_signature"),
+                parameters=info.metadata.get("training", {}).get("parameters"),
+            )
+        )
+    return ModelsResponse(models=out)
+
+
+@router.get("/health/live", response_model=Health, response_model_exclude_none=True, summary="The process is up")
+async def live() -> Health:
+    return Health(status="ok")
+
+
+@router.get(
+    "/health/ready", response_model=Health, responses={503: {"model": Health}}, summary="Models loaded and warm"
+)
+async def ready(state: StateDep, settings: SettingsDep) -> Health | JSONResponse:
+    if state.ready:
+        return JSONResponse({"status": "ready"})
+    body = {"status": "not ready", "detail": _not_ready_detail(state)}
+    return JSONResponse(body, status_code=503, headers={"Retry-After": str(settings.retry_after_s)})
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+async def index() -> HTMLResponse:
+    return HTMLResponse(resources.files("service").joinpath("static/index.html").read_text(encoding="utf-8"))

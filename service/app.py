@@ -1,0 +1,182 @@
+"""The FastAPI application: lifespan (models load in the background, never at import), request ids and
+metrics middleware, and the exception handlers that turn every failure into a status code and a JSON body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
+
+from service.api import router
+from service.batcher import BatchFailed, QueueFull, RequestTimeout
+from service.logs import request_id_var
+from service.metrics import Metrics
+from service.registry import AmbiguousPair, UnknownPair
+from service.settings import Settings, get_settings
+from service.state import NotReady, ServiceState
+from service.translate import BadOption, TooLarge
+
+logger = logging.getLogger("service.access")
+
+REQUEST_ID_HEADER = "x-request-id"
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+def app_settings(app: FastAPI) -> Settings:
+    return app.dependency_overrides.get(get_settings, get_settings)()
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    state = ServiceState(app_settings(app), app.state.metrics)
+    app.state.service = state
+    loading = asyncio.create_task(state.load(), name="load-models")
+    yield
+    # Uvicorn has finished the in-flight requests by now (graceful shutdown); drain what is still queued.
+    await loading
+    await state.close()
+
+
+class RequestContext:
+    """Pure ASGI middleware (it leaves ``receive`` alone, so routes can watch for a client disconnect):
+    request id in, X-Request-ID out, a metrics sample and one access log line per request, oversized
+    bodies refused with 413 before they are read."""
+
+    def __init__(self, app, metrics: Metrics, max_body_bytes: int) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        given = headers.get(REQUEST_ID_HEADER.encode(), b"").decode("latin-1")
+        request_id = given if _SAFE_ID.match(given) else uuid.uuid4().hex[:16]
+        token = request_id_var.set(request_id)
+        status = 500
+        started = time.perf_counter()
+
+        async def send_with_id(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (REQUEST_ID_HEADER.encode(), request_id.encode())]
+            await send(message)
+
+        try:
+            length = headers.get(b"content-length", b"0")
+            if length.isdigit() and int(length) > self.max_body_bytes:
+                detail = (
+                    f"request body of {int(length)} bytes is over {self.max_body_bytes}: send fewer or shorter texts"
+                )
+                await error_response(413, detail, request_id)(scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            self.metrics.requests.labels(scope["method"], path, str(status)).inc()
+            self.metrics.latency.labels(path).observe(elapsed)
+            extra = {"method": scope["method"], "path": scope["path"], "status": status, "duration_ms": elapsed * 1e3}
+            logger.info("%s %s %d %.1f ms", scope["method"], scope["path"], status, elapsed * 1e3, extra=extra)
+            request_id_var.reset(token)
+
+
+def error_response(status: int, detail: str | list, request_id: str | None = None, retry_after: int | None = None):
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    body = {"detail": detail, "request_id": request_id or request_id_var.get()}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _validation_detail(errors: list[dict]) -> tuple[int, str | list]:
+    """400 for a body that is not JSON at all; 422 with each field's problem otherwise."""
+    broken = [e for e in errors if e.get("type") == "json_invalid"]
+    if broken:
+        ctx = broken[0].get("ctx", {})
+        return 400, f"the body is not valid JSON ({ctx.get('error', 'parse error')}): send a JSON object"
+    detail = []
+    for e in errors:
+        loc = [part for part in e.get("loc", ()) if part != "body"]
+        msg = str(e.get("msg", "")).removeprefix("Value error, ")
+        detail.append({"loc": loc, "msg": msg, "type": e.get("type")})
+    return 422, detail
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    retry = lambda: app_settings(app).retry_after_s  # noqa: E731 - read at answer time (settings may be overridden)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        status, detail = _validation_detail(list(exc.errors()))
+        return error_response(status, json.loads(json.dumps(detail, default=str)))
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        detail = exc.detail
+        if exc.status_code == 400:  # FastAPI's answer to a body it cannot decode at all (binary, bad UTF-8)
+            detail = f"{detail}: send a UTF-8 JSON object"
+        response = error_response(exc.status_code, detail)
+        response.headers.update(exc.headers or {})
+        return response
+
+    handlers: dict[type[Exception], tuple[int, bool]] = {
+        TooLarge: (413, False),
+        BadOption: (422, False),
+        AmbiguousPair: (422, False),
+        UnknownPair: (404, False),
+        QueueFull: (503, True),
+        RequestTimeout: (503, True),
+        NotReady: (503, True),
+    }
+    for cls, (status, with_retry) in handlers.items():
+
+        async def _domain(request: Request, exc: Exception, status: int = status, with_retry: bool = with_retry):
+            return error_response(status, str(exc), retry_after=retry() if with_retry else None)
+
+        app.add_exception_handler(cls, _domain)
+
+    @app.exception_handler(BatchFailed)
+    async def _batch(request: Request, exc: BatchFailed) -> JSONResponse:
+        rid = request_id_var.get()
+        return error_response(500, f"translation failed on the server ({exc}); report request id {rid}")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error")
+        return error_response(500, f"internal error; report request id {request_id_var.get()}")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The app; ``settings`` replaces the environment's (the ``get_settings`` dependency is overridden)."""
+    app = FastAPI(
+        title="Transformer translation service",
+        description="Beam-search translation with ONNX Runtime and cross-request micro-batching.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    if settings is not None:
+        app.dependency_overrides[get_settings] = lambda: settings
+    current = app_settings(app)
+    app.state.metrics = Metrics()
+    max_body = current.max_items * (current.max_chars * 6 + 64) + 64 * 1024  # JSON escapes included
+    app.add_middleware(RequestContext, metrics=app.state.metrics, max_body_bytes=max_body)
+    add_error_handlers(app)
+    app.include_router(router)
+    app.mount("/static", StaticFiles(directory=Path(__file__).with_name("static")), name="static")  # demo page JS/CSS
+    return app

@@ -1,0 +1,293 @@
+"""The translation engine: one model dir's ONNX sessions and tokenizer, decoding batches of sentences.
+
+No FastAPI and no torch here: the engine is plain Python over onnxruntime and ``model/search.py``, used by
+the batcher's worker thread, the benchmark and the tests alike. On CUDA the decoder cache stays on the
+device between steps (``IoBindingStepFunction``); on CPU host buffers are fed back (``OrtStepFunction``).
+
+Attention, when asked for, is the decoder's alignment-layer cross-attention (head mean), one row per
+generated target token. The column of the source EOS is left out and every row renormalised over the shown
+source tokens, so rows still sum to 1.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, InvalidProtobuf, NoSuchFile
+
+from export.manifest import MANIFEST, changed_files, read_manifest
+from export.ort_step import CPU, IoBindingStepFunction, OrtModel, OrtModelError, OrtStepFunction, session_options
+from export.signature import VARIANTS
+from model.model_dir import ModelDirError, ModelInfo, read_model_dir
+from model.search import SearchConfig, beam_search
+from model.tokenizer import Tokenizer, pad_sources
+
+logger = logging.getLogger(__name__)
+
+CUDA_PROVIDER = "CUDAExecutionProvider"
+WORD_START = "\u2581"  # SentencePiece's word-boundary marker "▁"
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """The per-request decoding settings; requests share a batch only when these are equal."""
+
+    beam_size: int = 4
+    n_best: int = 1
+    length_penalty: float = 0.6
+    max_length: int | None = None  # None: source length + 50
+    return_attention: bool = False
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One translation of a sentence: its text, subword ids and ranking score (log p / length penalty)."""
+
+    text: str
+    tokens: list[int]
+    score: float
+
+
+@dataclass(frozen=True)
+class Attention:
+    """Cross-attention of the best hypothesis: weights (target tokens, source tokens), rows summing to 1."""
+
+    source_tokens: list[str]
+    target_tokens: list[str]
+    weights: np.ndarray
+    alignment: list[tuple[int, int]]  # (source word, target word), one per target word
+
+
+@dataclass(frozen=True)
+class SentenceResult:
+    candidates: list[Candidate]  # best first
+    attention: Attention | None = None
+
+
+class EngineError(RuntimeError):
+    """A model dir that cannot be served as asked; the message names the file or setting to change."""
+
+
+def available_devices() -> list[str]:
+    return ["cuda", "cpu"] if CUDA_PROVIDER in ort.get_available_providers() else ["cpu"]
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` → cuda when onnxruntime has the CUDA provider, else cpu; ``cuda`` without it is an error."""
+    if device == "auto":
+        return available_devices()[0]
+    if device == "cuda" and "cuda" not in available_devices():
+        raise EngineError(
+            "MT_DEVICE=cuda but onnxruntime has no CUDAExecutionProvider: install onnxruntime-gpu "
+            "(the `gpu` extra) or set MT_DEVICE=cpu"
+        )
+    return device
+
+
+def resolve_variant(manifest: dict, variant: str, device: str) -> str:
+    """``auto`` → the fast variant for the device (fp16 on CUDA, int8 on CPU) if recommended, else fp32."""
+    variants = manifest.get("variants", {})
+    if variant != "auto":
+        return variant
+    preferred = "fp16" if device == "cuda" else "int8"
+    return preferred if variants.get(preferred, {}).get("recommended") else "fp32"
+
+
+@dataclass(frozen=True)
+class ModelCheck:
+    """A model dir that passed :func:`check_model_dir`: what to load, and the tokenizer already loaded."""
+
+    info: ModelInfo
+    manifest: dict
+    variant: str
+    tokenizer: Tokenizer
+
+
+def check_model_dir(path: str | Path, variant: str = "auto", device: str = "cpu") -> ModelCheck:
+    """Check everything needed to serve ``path`` before loading graphs; raises ModelDirError naming the file."""
+    info = read_model_dir(path)
+    try:
+        tokenizer = Tokenizer(info.tokenizer_file)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise ModelDirError(f"{info.tokenizer_file} is not a usable SentencePiece model ({e})") from e
+    if tokenizer.vocab_size != info.config.vocab_size:
+        raise ModelDirError(
+            f"{info.tokenizer_file} has {tokenizer.vocab_size} pieces but {info.path / 'model.json'} says "
+            f"vocab_size {info.config.vocab_size}: the directory mixes files from different runs"
+        )
+    onnx_dir = info.path / "onnx"
+    manifest_path = onnx_dir / MANIFEST
+    if not manifest_path.is_file():
+        raise ModelDirError(
+            f"{manifest_path} is missing: export the model first with `mt-export {info.path}` "
+            "(`make serve` does this for you)"
+        )
+    try:
+        manifest = read_manifest(onnx_dir)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelDirError(f"{manifest_path} is not valid JSON ({e}): re-run `mt-export --force {info.path}`") from e
+    chosen = resolve_variant(manifest, variant, device)
+    if chosen not in manifest.get("variants", {}):
+        flag = "" if chosen == "fp32" else f" --{chosen}"
+        raise ModelDirError(
+            f"{manifest_path} has no {chosen!r} variant (it has {sorted(manifest.get('variants', {}))}): "
+            f"re-run `mt-export --force{flag} {info.path}` or choose another MT_VARIANT"
+        )
+    wanted = set(VARIANTS[chosen][:2])
+    broken = [name for name in changed_files(onnx_dir, manifest) if name in wanted]
+    if broken:
+        raise ModelDirError(
+            f"{', '.join(str(onnx_dir / name) for name in broken)}: missing or changed since export "
+            f"(sha256 differs from {manifest_path}): re-run `mt-export --force {info.path}`"
+        )
+    return ModelCheck(info, manifest, chosen, tokenizer)
+
+
+class Engine:
+    """Decodes batches of tokenized sentences with one model; use from one thread at a time."""
+
+    def __init__(self, info: ModelInfo, ort_model: OrtModel, tokenizer: Tokenizer, device: str) -> None:
+        self.info = info
+        self.ort_model = ort_model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.max_positions = info.config.max_positions
+
+    @classmethod
+    def load(cls, model_dir: str | Path, *, device: str = "auto", variant: str = "auto", threads: int = 0) -> Engine:
+        device = resolve_device(device)
+        checked = check_model_dir(model_dir, variant, device)
+        info, chosen, tokenizer = checked.info, checked.variant, checked.tokenizer
+        providers = [CUDA_PROVIDER, *CPU] if device == "cuda" else list(CPU)
+        try:
+            ort_model = OrtModel.load(info.path, chosen, providers, session_options(threads))
+        except (OrtModelError, Fail, InvalidArgument, InvalidGraph, InvalidProtobuf, NoSuchFile) as e:
+            raise ModelDirError(f"{info.path / 'onnx'}: cannot load the {chosen} graphs: {e}") from e
+        logger.info(
+            "model %s (%s→%s): device=%s (%s%s), variant=%s, intra-op threads=%s",
+            info.name,
+            info.source_lang,
+            info.target_lang,
+            device,
+            ort_model.decoder.get_providers()[0],
+            ", IO binding" if device == "cuda" else "",
+            chosen,
+            threads or "onnxruntime default",
+        )
+        return cls(info, ort_model, tokenizer, device)
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def variant(self) -> str:
+        return self.ort_model.variant
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """Subword ids of each text, cut to the longest source the model's positions allow (EOS included)."""
+        limit = self.max_positions - 1
+        return [ids[:limit] for ids in self.tokenizer.encode_batch(list(texts))]
+
+    def translate_batch(self, sources: Sequence[Sequence[int]], options: DecodeOptions) -> list[SentenceResult]:
+        """Decode one batch of non-empty tokenized sources; one result per source, in order."""
+        if not sources:
+            return []
+        ids, mask = pad_sources([list(s) for s in sources])  # (B, S), (B, S) True = padding
+        if self.device == "cuda":
+            step_fn: OrtStepFunction = IoBindingStepFunction(self.ort_model, ids, mask, device="cuda")
+        else:
+            step_fn = self.ort_model.step_function(ids, mask)
+        config, lengths = self._search_config(options, [len(s) for s in sources])
+        hypotheses = beam_search(
+            step_fn, lengths, bos_id=self.tokenizer.bos_id, eos_id=self.tokenizer.eos_id, config=config
+        )
+        return [self._result(src, hyps, options) for src, hyps in zip(sources, hypotheses, strict=True)]
+
+    def translate(self, texts: Sequence[str], options: DecodeOptions, max_batch_tokens: int = 4096) -> list[str]:
+        """Best translation of each text, decoded in length-sorted batches of ``max_batch_tokens`` (no splitting)."""
+        sources = self.encode(texts)
+        out = [""] * len(sources)
+        for batch in plan_batches([len(s) for s in sources], options.beam_size, max_batch_tokens):
+            batch = [i for i in batch if sources[i]]
+            results = self.translate_batch([sources[i] for i in batch], options)
+            for i, result in zip(batch, results, strict=True):
+                out[i] = result.candidates[0].text if result.candidates else ""
+        return out
+
+    def warmup(self) -> None:
+        """Decode one short sentence, so that the first request does not pay for session initialisation."""
+        self.translate_batch([self.encode(["warm up"])[0] or [self.tokenizer.unk_id]], DecodeOptions())
+
+    def _search_config(self, options: DecodeOptions, src_lengths: list[int]) -> tuple[SearchConfig, np.ndarray]:
+        """The search config, and the lengths handed to the search so that no output passes the last position."""
+        longest = self.max_positions - 1
+        config = SearchConfig(
+            beam_size=options.beam_size,
+            n_best=options.n_best,
+            length_penalty=options.length_penalty,
+            max_length=None if options.max_length is None else min(options.max_length, longest),
+            return_attention=options.return_attention,
+        )
+        # The search only uses the lengths for "source length + offset": capping them caps that sum.
+        lengths = np.minimum(np.asarray(src_lengths, dtype=np.int64), max(longest - config.max_length_offset, 0))
+        return config, lengths
+
+    def _result(self, src: Sequence[int], hyps: list, options: DecodeOptions) -> SentenceResult:
+        candidates = [Candidate(self.tokenizer.decode(h.tokens), list(h.tokens), float(h.score)) for h in hyps]
+        attention = None
+        if options.return_attention and hyps:
+            best = hyps[0]
+            weights = best.attention if best.attention is not None else np.zeros((len(best.tokens), len(src)))
+            attention = self.attention(src, best.tokens, weights)
+        return SentenceResult(candidates, attention)
+
+    def attention(self, src: Sequence[int], tgt: Sequence[int], weights: np.ndarray) -> Attention:
+        """Attention over the shown source tokens (EOS column dropped, rows renormalised) and word alignment."""
+        shown = np.asarray(weights, dtype=np.float64)[: len(tgt), : len(src)]  # (T, S_src)
+        totals = shown.sum(axis=1, keepdims=True)
+        uniform = np.full_like(shown, 1.0 / max(len(src), 1))
+        shown = np.where(totals > 0, shown / np.where(totals > 0, totals, 1.0), uniform)
+        source_tokens, target_tokens = self.tokenizer.pieces(list(src)), self.tokenizer.pieces(list(tgt))
+        return Attention(source_tokens, target_tokens, shown, word_alignment(source_tokens, target_tokens, shown))
+
+
+def word_index(pieces: Sequence[str]) -> np.ndarray:
+    """The word of each subword piece: a piece starting with "▁" starts a new word."""
+    starts = np.array([i > 0 and piece.startswith(WORD_START) for i, piece in enumerate(pieces)], dtype=np.int64)
+    return np.cumsum(starts)
+
+
+def word_alignment(source: Sequence[str], target: Sequence[str], weights: np.ndarray) -> list[tuple[int, int]]:
+    """For each target word, the source word with the most attention (subword weights summed both ways)."""
+    if not len(source) or not len(target):
+        return []
+    src_words, tgt_words = word_index(source), word_index(target)
+    summed = np.zeros((tgt_words[-1] + 1, src_words[-1] + 1))  # (target words, source words)
+    np.add.at(summed, (tgt_words[:, None], src_words[None, :]), weights)
+    return [(int(np.argmax(row)), j) for j, row in enumerate(summed)]
+
+
+def batch_cost(longest: int, n_sentences: int, beam_size: int) -> int:
+    """Tokens a batch occupies: padded source length (EOS included) x sentences x beam."""
+    return (longest + 1) * n_sentences * beam_size
+
+
+def plan_batches(lengths: Sequence[int], beam_size: int, max_tokens: int) -> list[list[int]]:
+    """Indices grouped into length-sorted batches within ``max_tokens`` (a batch holds at least one)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        if current and batch_cost(lengths[i], len(current) + 1, beam_size) > max_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches

@@ -1,0 +1,78 @@
+"""Service settings: one pydantic-settings class (environment prefix ``MT_``), read through ``get_settings()``.
+
+Nothing here runs at import: the settings are built on first use by the cached dependency, which tests and
+``mt-serve`` replace (``app.dependency_overrides[get_settings]``) with their own instance.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_MODEL = Path("models/multi30k-de-en")
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; each field is the environment variable ``MT_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="MT_", extra="ignore")
+
+    # Models and where they run.
+    models: Annotated[list[Path], NoDecode] = Field(
+        default_factory=lambda: [DEFAULT_MODEL],
+        description="model directories to serve (MT_MODELS: separated by commas or the OS path separator)",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when onnxruntime has it")
+    variant: Literal["auto", "fp32", "int8", "fp16"] = Field(
+        "auto", description="ONNX variant; auto = fp16 on CUDA, int8 on CPU when the manifest recommends it, else fp32"
+    )
+    threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per model; 0 = one per physical core")
+    warmup: bool = Field(True, description="decode a sentence per model before reporting ready")
+
+    host: str = Field("127.0.0.1", description="address mt-serve listens on (0.0.0.0 in a container)")
+    port: int = Field(8000, ge=0, le=65535, description="port mt-serve listens on")
+
+    # Request limits.
+    max_items: int = Field(256, ge=1, description="texts per request (413 above)")
+    max_chars: int = Field(10_000, ge=1, description="characters per text (413 above)")
+    max_beam: int = Field(16, ge=1, description="largest beam_size a request may ask for (422 above)")
+    split_sentences: bool = Field(True, description="split texts into sentences (and lines) and rejoin them")
+
+    # Micro-batching.
+    max_batch_tokens: int = Field(
+        4096, ge=1, description="token budget of an engine batch: padded source tokens x beam size"
+    )
+    max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits for more sentences before decoding")
+    queue_size: int = Field(2048, ge=1, description="sentences waiting for a batch before requests get 503")
+    request_timeout_s: float = Field(60.0, gt=0, description="a request still undecoded after this gets 503")
+    retry_after_s: int = Field(1, ge=0, description="the Retry-After header of 503 answers, in seconds")
+
+    # Logging.
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_json: bool = Field(False, description="one JSON object per log line (with the request id)")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, value: object) -> object:
+        if isinstance(value, str):
+            parts = value.replace(os.pathsep, ",").split(",")
+            return [part.strip() for part in parts if part.strip()]
+        return value
+
+    @field_validator("models")
+    @classmethod
+    def _some_models(cls, value: list[Path]) -> list[Path]:
+        if not value:
+            raise ValueError("give at least one model directory (--model DIR or MT_MODELS)")
+        return value
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings, read from the environment once (a FastAPI dependency; override in tests)."""
+    return Settings()

@@ -1,0 +1,109 @@
+"""The app in process (TestClient): settings, readiness, one-model defaults, docs and the placeholder page."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.engine import DecodeOptions, Engine
+from service.settings import Settings, get_settings
+
+
+def wait_ready(client: TestClient) -> dict:
+    for _ in range(300):
+        response = client.get("/health/ready")
+        if response.status_code == 200:
+            return response.json()
+        time.sleep(0.05)
+    raise AssertionError(response.text)
+
+
+@pytest.fixture
+def client(served_model_dir: Path) -> TestClient:
+    app = create_app(Settings(models=[served_model_dir], threads=1, max_items=8, max_chars=100))
+    with TestClient(app) as test_client:
+        wait_ready(test_client)
+        yield test_client
+
+
+def test_one_model_needs_no_language_pair(client: TestClient, copy_sources: list[str]) -> None:
+    response = client.post("/v1/translate", json={"text": copy_sources[0], "beam_size": 1})
+    assert response.status_code == 200
+    assert response.json() == {"model": "copy-model", "translations": [{"text": copy_sources[0]}]}
+    assert client.get("/health/live").json() == {"status": "ok"}
+
+
+def test_limits_come_from_settings(client: TestClient) -> None:
+    too_many = client.post("/v1/translate", json={"text": ["w01"] * 9})
+    assert too_many.status_code == 413 and "at most 8" in too_many.json()["detail"]
+    too_long = client.post("/v1/translate", json={"text": "w01 " * 30})
+    assert too_long.status_code == 413 and "MT_MAX_CHARS" in too_long.json()["detail"]
+
+
+def test_blank_texts_translate_to_themselves(client: TestClient) -> None:
+    response = client.post("/v1/translate", json={"text": ["", "  \n", "w01 w02"], "return_attention": True})
+    assert response.status_code == 200
+    items = response.json()["translations"]
+    assert [t["text"] for t in items] == ["", "  \n", "w01 w02"]
+    assert items[0]["attention"] == {"source_tokens": [], "target_tokens": [], "weights": [], "alignment": []}
+
+
+def test_not_ready_answers_503_with_the_reason(tmp_path: Path) -> None:
+    app = create_app(Settings(models=[tmp_path / "missing-model"]))
+    with TestClient(app) as test_client:
+        for _ in range(100):
+            ready = test_client.get("/health/ready")
+            if "missing-model" in ready.text:
+                break
+            time.sleep(0.05)
+        assert ready.status_code == 503 and ready.headers["retry-after"] == "1"
+        assert "missing-model" in ready.json()["detail"]
+        refused = test_client.post("/v1/translate", json={"text": "w01"})
+        assert refused.status_code == 503 and "retry-after" in refused.headers
+
+
+def test_openapi_has_examples_and_the_page_is_served(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    assert set(schema["paths"]) >= {"/v1/translate", "/v1/models", "/health/live", "/health/ready", "/metrics"}
+    assert schema["components"]["schemas"]["TranslateRequest"]["examples"]
+    assert client.get("/docs").status_code == 200
+    page = client.get("/")
+    assert page.status_code == 200 and "/docs" in page.text
+
+
+def test_settings_read_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MT_MODELS", "models/a,models/b")
+    monkeypatch.setenv("MT_MAX_ITEMS", "3")
+    monkeypatch.setenv("MT_SPLIT_SENTENCES", "false")
+    settings = Settings()
+    assert settings.models == [Path("models/a"), Path("models/b")]
+    assert settings.max_items == 3 and settings.split_sentences is False
+    assert (Settings().max_chars, Settings().max_beam) == (10_000, 16)
+    get_settings.cache_clear()
+    assert get_settings() is get_settings()
+    get_settings.cache_clear()
+
+
+def test_request_timeout_answers_503(served_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    translate_batch = Engine.translate_batch
+
+    def stalling(self: Engine, sources: list[list[int]], options: DecodeOptions) -> list:
+        if any(len(source) > 10 for source in sources):
+            time.sleep(1.0)
+        return translate_batch(self, sources, options)
+
+    monkeypatch.setattr(Engine, "translate_batch", stalling)
+    app = create_app(Settings(models=[served_model_dir], threads=1, request_timeout_s=0.3))
+    with TestClient(app) as test_client:
+        wait_ready(test_client)
+        late = test_client.post("/v1/translate", json={"text": "w01 w02 w03 w04 w05 w06"})
+        assert late.status_code == 503 and late.headers["retry-after"] == "1"
+        assert "MT_REQUEST_TIMEOUT_S" in late.json()["detail"]
+        time.sleep(1.0)  # the stalled batch finishes; the service goes on
+        assert (
+            test_client.post("/v1/translate", json={"text": "w01 w02"}).json()["translations"][0]["text"] == "w01 w02"
+        )
