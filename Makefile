@@ -10,7 +10,7 @@ MODEL ?= models/multi30k-de-en
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install test serve lint format clean
+.PHONY: install test serve lint format clean system-tools
 
 install: $(STAMP)
 
@@ -41,6 +41,12 @@ serve: install
 	fi
 	@if [ ! -f "$(MODEL)/onnx/manifest.json" ]; then $(BIN)/mt-export $(MODEL); fi
 	$(BIN)/mt-serve --model $(MODEL) --host $(HOST) --port $(PORT)
+
+# System tools some tests use (Debian/Ubuntu, as root): a compose parser for docker/compose.yaml and
+# Chromium for the browser test of the demo page. Without them those tests skip and say why.
+system-tools:
+	@command -v docker-compose >/dev/null && command -v chromium >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose chromium >/dev/null)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
