@@ -30,11 +30,11 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from export.evaluate import PAPER_SEARCH, translate_ids
 from export.onnx_export import export_variant
 from export.ort_step import IoBindingStepFunction, OrtModel, session_options
 from export.signature import VARIANTS
 from model.config import preset
+from model.decode import PAPER_SEARCH, translate_ids
 from model.search import StepFunction
 from model.tokenizer import Tokenizer
 from model.torch_step import TorchStepFunction

@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from export.evaluate import PAPER_SEARCH, corpus_bleu, read_lines, translate_ids
 from export.manifest import build_manifest, write_manifest
 from export.onnx_export import EXPORTER, OPSET, export_variant
 from export.ort_step import OrtModel
@@ -36,6 +35,7 @@ from export.validate import (
     step_parity,
 )
 from model.config import ModelConfig
+from model.decode import PAPER_SEARCH, score_translations, translate_ids
 from model.model_dir import ModelDirError, read_model_dir
 from model.search import SearchConfig
 from model.tokenizer import Tokenizer
@@ -47,6 +47,10 @@ logger = logging.getLogger(__name__)
 
 MAX_BLEU_LOSS = 0.5  # a variant that loses more BLEU than this against fp32 is not recommended
 INTENDED_FOR = {"fp32": "CPU or CUDA", "int8": "CPUExecutionProvider", "fp16": "CUDAExecutionProvider"}
+
+
+def read_lines(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8").splitlines()
 
 
 class OutputExistsError(FileExistsError):
@@ -212,7 +216,8 @@ def _measure(
     signature = None
     if refs is not None:
         for name, ids in outputs.items():
-            bleu[name], signature = corpus_bleu(tokenizer.decode_batch(ids), refs)
+            scores = score_translations(tokenizer.decode_batch(ids), refs)
+            bleu[name], signature = scores["bleu"], scores["bleu_signature"]
     providers = {v: s.decoder.get_providers()[0] for v, s in sessions.items()}
     return Measurements(parity, beams, bleu, signature, description, len(sources), providers, tokenizer.decode)
 

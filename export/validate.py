@@ -23,9 +23,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from export.evaluate import StepFactory
 from export.signature import VARIANTS, GraphSignature, TensorSpec, decoder_signature, encoder_signature
 from model.config import BOS_ID, ModelConfig
+from model.decode import StepFactory
 from model.tokenizer import pad_sources
 
 # Shapes (batch, source length incl. EOS, past length) of the parity table: none is the export example's.

@@ -206,19 +206,18 @@ def _kth_best_lower_bound(grid: np.ndarray, k: int) -> np.ndarray:
 
 
 def _top_candidates(
-    row_log_prob: np.ndarray, log_probs: np.ndarray, row_pos: np.ndarray, n_live: int, k: int, ban: int | None
+    row_log_prob: np.ndarray, log_probs: np.ndarray, row_pos: np.ndarray, n_live: int, k: int, ban: list[int]
 ) -> _Candidates:
     """Up to ``k`` best finite candidates per sentence: row ``row_log_prob`` (N,) plus ``log_probs`` (N, V).
 
     Vectorised over all sentences: everything at or above a cheap lower bound of each sentence's k-th best
     score is sorted. The (N, V) comparison runs in float32, like the network's own output; the chosen
     candidates are ordered by their float64 sums, ties going to the lower row, then the lower token id.
-    Token ``ban`` (if any) is excluded.
+    Tokens in ``ban`` are excluded.
     """
     vocab = log_probs.shape[1]
     scores = np.add(row_log_prob.astype(np.float32)[:, None], log_probs, dtype=np.float32)  # (N, V)
-    if ban is not None:
-        scores[:, ban] = NEG_INF
+    scores[:, ban] = NEG_INF
     grid, starts = _sentence_grid(scores, row_pos, n_live)  # (n_live, R * V)
     threshold = _kth_best_lower_bound(grid, k)
     if np.isnan(threshold).any():
@@ -269,14 +268,22 @@ def beam_search(
     bos_id: int,
     eos_id: int,
     config: SearchConfig = SearchConfig(),
+    pad_id: int | None = None,
+    max_positions: int | None = None,
 ) -> list[list[Hypothesis]]:
     """One list per sentence (input order) of up to ``config.n_best`` hypotheses, best first.
 
-    Fewer than ``n_best`` come back only when the step function leaves fewer finite-probability
-    hypotheses. ``min_length`` masks EOS without renormalising; ``max_length`` wins over it (the forced
-    EOS uses the step function's own EOS log prob, so scores stay true log probabilities).
+    ``src_lengths`` are source tokens without the EOS the encoder sees. Fewer than ``n_best`` come back
+    only when the step function leaves fewer finite-probability hypotheses. ``min_length`` masks EOS
+    without renormalising; ``max_length`` wins over it (the forced EOS uses the step function's own EOS
+    log prob, so scores stay true log probabilities). BOS (and PAD, when given) are never generated.
+    ``max_positions`` (the network's position table) caps every max length at ``max_positions - 1``, so
+    the forced EOS step still has a position.
     """
     max_lens = config.max_lengths(src_lengths)  # (B,)
+    if max_positions is not None:
+        max_lens = np.minimum(max_lens, max_positions - 1)
+    banned = [bos_id] if pad_id is None else [bos_id, pad_id]
     n_sent, k, n_best = max_lens.size, config.beam_size, config.n_best
     pools: list[list[_Finished]] = [[] for _ in range(n_sent)]
     history = _History(config.return_attention)
@@ -297,7 +304,7 @@ def beam_search(
             pool = pools[live[row_pos[row]]]
             _add_finished(pool, _Finished(score, log_prob, step, int(row)), n_best)
 
-        ban = eos_id if step < config.min_length else None
+        ban = [*banned, eos_id] if step < config.min_length else banned
         cand = _top_candidates(row_log_prob, log_probs, row_pos, live.size, 2 * k, ban)
         is_eos = cand.token == eos_id
         searching = ~forced[cand.pos]
@@ -357,7 +364,11 @@ def greedy_search(
     bos_id: int,
     eos_id: int,
     config: SearchConfig = SearchConfig(),
+    pad_id: int | None = None,
+    max_positions: int | None = None,
 ) -> list[list[Hypothesis]]:
     """The argmax path of each sentence: :func:`beam_search` with beam size 1 (and n_best 1)."""
     greedy = replace(config, beam_size=1, n_best=1)
-    return beam_search(step_fn, src_lengths, bos_id=bos_id, eos_id=eos_id, config=greedy)
+    return beam_search(
+        step_fn, src_lengths, bos_id=bos_id, eos_id=eos_id, config=greedy, pad_id=pad_id, max_positions=max_positions
+    )

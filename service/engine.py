@@ -23,8 +23,9 @@ from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, I
 from export.manifest import MANIFEST, changed_files, read_manifest
 from export.ort_step import CPU, IoBindingStepFunction, OrtModel, OrtModelError, OrtStepFunction, session_options
 from export.signature import VARIANTS
+from model.decode import search_batch
 from model.model_dir import ModelDirError, ModelInfo, read_model_dir
-from model.search import SearchConfig, beam_search
+from model.search import SearchConfig
 from model.tokenizer import Tokenizer, pad_sources
 
 logger = logging.getLogger(__name__)
@@ -203,10 +204,7 @@ class Engine:
             step_fn: OrtStepFunction = IoBindingStepFunction(self.ort_model, ids, mask, device="cuda")
         else:
             step_fn = self.ort_model.step_function(ids, mask)
-        config, lengths = self._search_config(options, [len(s) for s in sources])
-        hypotheses = beam_search(
-            step_fn, lengths, bos_id=self.tokenizer.bos_id, eos_id=self.tokenizer.eos_id, config=config
-        )
+        hypotheses = search_batch(step_fn, [len(s) for s in sources], self.info.config, self._search_config(options))
         return [self._result(src, hyps, options) for src, hyps in zip(sources, hypotheses, strict=True)]
 
     def translate(self, texts: Sequence[str], options: DecodeOptions, max_batch_tokens: int = 4096) -> list[str]:
@@ -224,19 +222,15 @@ class Engine:
         """Decode one short sentence, so that the first request does not pay for session initialisation."""
         self.translate_batch([self.encode(["warm up"])[0] or [self.tokenizer.unk_id]], DecodeOptions())
 
-    def _search_config(self, options: DecodeOptions, src_lengths: list[int]) -> tuple[SearchConfig, np.ndarray]:
-        """The search config, and the lengths handed to the search so that no output passes the last position."""
-        longest = self.max_positions - 1
-        config = SearchConfig(
+    def _search_config(self, options: DecodeOptions) -> SearchConfig:
+        """The request's options as a search config (the search itself keeps outputs within the positions)."""
+        return SearchConfig(
             beam_size=options.beam_size,
             n_best=options.n_best,
             length_penalty=options.length_penalty,
-            max_length=None if options.max_length is None else min(options.max_length, longest),
+            max_length=options.max_length,
             return_attention=options.return_attention,
         )
-        # The search only uses the lengths for "source length + offset": capping them caps that sum.
-        lengths = np.minimum(np.asarray(src_lengths, dtype=np.int64), max(longest - config.max_length_offset, 0))
-        return config, lengths
 
     def _result(self, src: Sequence[int], hyps: list, options: DecodeOptions) -> SentenceResult:
         candidates = [Candidate(self.tokenizer.decode(h.tokens), list(h.tokens), float(h.score)) for h in hyps]

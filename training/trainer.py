@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from model.config import ModelConfig
+from model.decode import score_translations
 from model.search import SearchConfig
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer, count_parameters
@@ -30,7 +31,7 @@ from training import data as data_lib
 from training.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from training.config import TrainConfig
 from training.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
-from training.evaluate import score_translations, translate_texts, validation_loss
+from training.evaluate import translate_texts, validation_loss
 from training.loss import label_smoothed_nll_loss
 from training.metrics import MetricsLog
 from training.schedule import noam_lr

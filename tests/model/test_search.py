@@ -429,3 +429,30 @@ def test_invalid_inputs_and_step_outputs_raise():
     for beam_size in (1, 4):  # the partition path (2K < V) and the take-everything path
         with pytest.raises(ValueError, match="NaN"):
             beam_search(nan, [3], bos_id=BOS, eos_id=EOS, config=SearchConfig(beam_size=beam_size))
+
+
+class _Prefers:
+    """A step function whose favourite token is always ``token`` (then word 4, then EOS)."""
+
+    def __init__(self, token: int) -> None:
+        self.token = token
+
+    def __call__(self, tokens: np.ndarray, step: int, reorder: np.ndarray | None) -> tuple[np.ndarray, None]:
+        probs = np.full((tokens.size, 6), 0.01)
+        probs[:, self.token] = 0.6
+        probs[:, 4] = 0.3
+        probs[:, 3] = 0.07
+        return np.log(probs / probs.sum(axis=1, keepdims=True)).astype(np.float32), None
+
+
+@pytest.mark.parametrize("favourite", [0, 2])  # PAD, BOS
+def test_pad_and_bos_are_never_generated(favourite: int) -> None:
+    cfg = SearchConfig(beam_size=1, max_length=3)
+    [[hyp]] = beam_search(_Prefers(favourite), [1], bos_id=2, eos_id=3, pad_id=0, config=cfg)
+    assert hyp.tokens == [4, 4, 4]
+
+
+def test_max_positions_caps_the_output_length() -> None:
+    # Source length 10 + offset 50 would allow 60 tokens; a 9-position table leaves room for 8 and the EOS.
+    [[hyp]] = beam_search(_Prefers(4), [10], bos_id=2, eos_id=3, config=SearchConfig(beam_size=1), max_positions=9)
+    assert hyp.tokens == [4] * 8
