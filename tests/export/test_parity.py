@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.evaluate import translate_ids
 from export.ort_step import OrtModel
 from export.validate import PARITY_SHAPES, TOLERANCES, compare_translations, step_parity
+from model.decode import translate_ids
 from model.search import SearchConfig
 from model.tokenizer import Tokenizer
 from model.torch_step import TorchStepFunction
