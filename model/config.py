@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 # Special token ids, shared by the SentencePiece model, the network and the search.
@@ -81,9 +81,6 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config keys {unknown}; known keys: {sorted(known)}")
         return cls(**data)
-
-    def with_changes(self, **changes: Any) -> ModelConfig:
-        return replace(self, **changes)
 
 
 # The paper's Table 3 (base, big) and two smaller shapes for CPU work and tests.

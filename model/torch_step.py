@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from model.transformer import Transformer, reorder_cache, reorder_cross_kv
+from model.transformer import Transformer, reorder_cache
 
 
 class TorchStepFunction:
@@ -35,7 +35,7 @@ class TorchStepFunction:
             row_sentence = self.row_sentence[reorder]
             if not np.array_equal(row_sentence, self.row_sentence):
                 sentence_index = torch.from_numpy(row_sentence).to(self.device)
-                self.cross = reorder_cross_kv(self.base_cross, sentence_index)
+                self.cross = reorder_cache(self.base_cross, sentence_index)
                 self.mask = self.base_mask.index_select(0, sentence_index)
                 self.row_sentence = row_sentence
         tok = torch.from_numpy(np.asarray(tokens, dtype=np.int64)).to(self.device)[:, None]  # (N, 1)

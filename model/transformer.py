@@ -263,9 +263,5 @@ def reorder_cache(cache: DecoderCache, index: Tensor) -> DecoderCache:
     return tuple((k.index_select(0, index), v.index_select(0, index)) for k, v in cache)
 
 
-def reorder_cross_kv(cross: CrossKV, index: Tensor) -> CrossKV:
-    return reorder_cache(cross, index)
-
-
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

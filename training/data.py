@@ -172,9 +172,10 @@ def encode_dataset(
     max_len_ratio: float = 0.0,
     filter_long: bool = True,
 ) -> ParallelDataset:
-    """Encode every pair. With ``filter_long`` (training data; keep every pair of validation data so
-    BLEU is over the whole set), drop pairs with an empty side, a side longer than ``max_len`` tokens,
-    or a token-length ratio above ``max_len_ratio`` (0 = no ratio filter), logging how many."""
+    """Encode every pair. With ``filter_long`` (training data), drop pairs with an empty side, a side
+    longer than ``max_len`` tokens, or a token-length ratio above ``max_len_ratio`` (0 = no ratio filter),
+    logging how many. Without it (validation data, so that BLEU covers the whole set) every pair is kept
+    and each side is cut to ``max_len`` tokens."""
     src, tgt, kept = [], [], []
     dropped = {"empty": 0, "too long": 0, "length ratio": 0}
     for line, (x_text, y_text) in enumerate(zip(src_texts, tgt_texts, strict=True)):
@@ -185,6 +186,8 @@ def encode_dataset(
             if reason:
                 dropped[reason] += 1
                 continue
+        else:  # kept whole for BLEU, but cut to fit the network's positions for the loss
+            x, y = x[:max_len], y[:max_len]
         src.append(x)
         tgt.append(y)
         kept.append(line)

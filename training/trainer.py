@@ -109,7 +109,10 @@ class Trainer:
             self.tokenizer, *self.train_pairs, cfg.data.max_len, cfg.data.max_len_ratio, filter_long=True
         )
         self.valid_set = data_lib.encode_dataset(
-            self.tokenizer, *self.valid_pairs, cfg.data.max_len, cfg.data.max_len_ratio, filter_long=False
+            self.tokenizer,
+            *self.valid_pairs,
+            cfg.model.build(self.tokenizer.vocab_size).max_positions - 1,
+            filter_long=False,
         )
         self.model_config: ModelConfig = cfg.model.build(self.tokenizer.vocab_size)
         torch.manual_seed(cfg.seed)
