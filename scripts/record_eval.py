@@ -1,0 +1,59 @@
+"""Score a model directory on a test set (beam 4, α 0.6) and record BLEU/chrF in its model.json.
+
+    .venv/bin/python scripts/record_eval.py models/multi30k-de-en --name test2016 \
+        --src PATH/test_2016_flickr.de.gz --ref PATH/test_2016_flickr.en.gz
+
+Decodes with the torch network through the same ``model.decode`` path as training-time validation
+(the ONNX fp32 export gives the same tokens), and writes ``eval.<name>`` with both sacreBLEU signatures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import time
+from functools import partial
+from pathlib import Path
+
+from model.decode import score_translations, translate_ids
+from model.model_dir import MODEL_JSON, atomic_write_text
+from model.search import SearchConfig
+from model.tokenizer import Tokenizer
+from model.torch_step import TorchStepFunction
+from model.weights import load_model
+
+
+def read(path: Path) -> list[str]:
+    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    return data.decode("utf-8").splitlines()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("--name", required=True, help="key under eval in model.json, e.g. test2016")
+    parser.add_argument("--src", type=Path, required=True)
+    parser.add_argument("--ref", type=Path, required=True)
+    parser.add_argument("--beam-size", type=int, default=4)
+    parser.add_argument("--length-penalty", type=float, default=0.6)
+    args = parser.parse_args()
+    model, info = load_model(args.model_dir)
+    tokenizer = Tokenizer(info.tokenizer_file)
+    sources, refs = read(args.src), read(args.ref)
+    search = SearchConfig(beam_size=args.beam_size, length_penalty=args.length_penalty)
+    started = time.perf_counter()
+    ids = translate_ids(partial(TorchStepFunction, model), tokenizer.encode_batch(sources), info.config, search, 64)
+    result = score_translations(tokenizer.decode_batch(ids), refs, info.target_lang)
+    result.update(sentences=len(sources), source=args.src.name, reference=args.ref.name)
+    result["decoding"] = {"beam_size": args.beam_size, "length_penalty": args.length_penalty, "max_length_offset": 50}
+    meta_path = args.model_dir / MODEL_JSON
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta.setdefault("eval", {})[args.name] = result
+    atomic_write_text(meta_path, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    print(f"{args.name}: BLEU {result['bleu']} chrF {result['chrf']} ({time.perf_counter() - started:.0f}s)")
+    print(f"  {result['bleu_signature']}\n  {result['chrf_signature']}")
+
+
+if __name__ == "__main__":
+    main()
