@@ -21,7 +21,8 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from service.api import router
-from service.batcher import BatchFailed, QueueFull, RequestTimeout
+from service.batcher import BatchFailed, QueueFull, RequestTimeout, TooManySentences
+from service.engine import SentenceTooLong
 from service.logs import request_id_var
 from service.metrics import Metrics
 from service.registry import AmbiguousPair, UnknownPair
@@ -50,15 +51,25 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await state.close()
 
 
+class BodyTooLarge(HTTPException):
+    """The request body grew past the limit while it was read (a chunked body has no Content-Length)."""
+
+
 class RequestContext:
-    """Pure ASGI middleware (it leaves ``receive`` alone, so routes can watch for a client disconnect):
-    request id in, X-Request-ID out, a metrics sample and one access log line per request, oversized
-    bodies refused with 413 before they are read."""
+    """Pure ASGI middleware: request id in, X-Request-ID out, a metrics sample and one access log line per
+    request; oversized bodies refused with 413 (up front from Content-Length, else once the bytes read pass the
+    limit); and any exception a route lets through answered with a 500 JSON body naming the request id.
+
+    ``receive`` is only wrapped to count body bytes, so routes can still watch for a client disconnect."""
 
     def __init__(self, app, metrics: Metrics, max_body_bytes: int) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+
+    def _too_large(self, size: int | None = None) -> str:
+        what = "request body" if size is None else f"request body of {size} bytes"
+        return f"{what} is over the limit of {self.max_body_bytes} bytes: send fewer or shorter texts"
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -70,23 +81,46 @@ class RequestContext:
         token = request_id_var.set(request_id)
         status = 500
         started = time.perf_counter()
+        response_started = False
+        received = 0
 
         async def send_with_id(message: dict) -> None:
-            nonlocal status
+            nonlocal status, response_started
             if message["type"] == "http.response.start":
                 status = message["status"]
+                response_started = True
                 message["headers"] = [*message.get("headers", []), (REQUEST_ID_HEADER.encode(), request_id.encode())]
             await send(message)
+
+        async def counting_receive() -> dict:
+            # Raised as an HTTPException so that FastAPI's body reading lets it through to the 413 handler.
+            nonlocal received
+            if received > self.max_body_bytes:
+                raise BodyTooLarge(413, self._too_large())
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise BodyTooLarge(413, self._too_large())
+            return message
 
         try:
             length = headers.get(b"content-length", b"0")
             if length.isdigit() and int(length) > self.max_body_bytes:
-                detail = (
-                    f"request body of {int(length)} bytes is over {self.max_body_bytes}: send fewer or shorter texts"
-                )
-                await error_response(413, detail, request_id)(scope, receive, send_with_id)
+                await error_response(413, self._too_large(int(length)), request_id)(scope, receive, send_with_id)
             else:
-                await self.app(scope, receive, send_with_id)
+                await self.app(scope, counting_receive, send_with_id)
+        except Exception as error:
+            # Inside this middleware (unlike the app's Exception handler), so the answer has the request id in
+            # its body and its X-Request-ID header, and the access log and metrics see the 500.
+            if response_started:
+                raise
+            if isinstance(error, HTTPException):  # a BodyTooLarge raised outside a route's body reading
+                response = error_response(error.status_code, error.detail, request_id)
+            else:
+                logger.exception("unhandled error")
+                response = error_response(500, f"internal error; report request id {request_id}", request_id)
+            await response(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - started
             route = scope.get("route")
@@ -137,6 +171,8 @@ def add_error_handlers(app: FastAPI) -> None:
 
     handlers: dict[type[Exception], tuple[int, bool]] = {
         TooLarge: (413, False),
+        TooManySentences: (413, False),
+        SentenceTooLong: (413, False),
         BadOption: (422, False),
         AmbiguousPair: (422, False),
         UnknownPair: (404, False),
@@ -156,7 +192,7 @@ def add_error_handlers(app: FastAPI) -> None:
         rid = request_id_var.get()
         return error_response(500, f"translation failed on the server ({exc}); report request id {rid}")
 
-    @app.exception_handler(Exception)
+    @app.exception_handler(Exception)  # the last resort: RequestContext answers most unexpected errors itself
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error")
         return error_response(500, f"internal error; report request id {request_id_var.get()}")

@@ -41,7 +41,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def load_settings(args: argparse.Namespace) -> Settings:
     overrides = {
-        key: value for key, value in (("models", args.model), ("host", args.host), ("port", args.port)) if value
+        key: value
+        for key, value in (("models", args.model), ("host", args.host), ("port", args.port))
+        if value is not None
     }
     return Settings(**overrides)
 

@@ -173,7 +173,7 @@ class LocalBackend:
         from pydantic import ValidationError
 
         from service import translate as translation
-        from service.batcher import BatchFailed, QueueFull
+        from service.batcher import BatchFailed, QueueFull, TooManySentences
         from service.schemas import TranslateRequest
 
         try:
@@ -184,6 +184,10 @@ class LocalBackend:
             response = await translation.translate(body, self.served, self.state.settings, "local")
         except QueueFull as error:
             raise ClientError(f"{error}: lower --concurrency or --batch-lines") from None
+        except TooManySentences as error:
+            raise ClientError(f"{error} (lower --batch-lines, or split long lines)") from None
+        except translation.TooLarge as error:
+            raise ClientError(f"cannot translate with {self.model_dir}: {error}") from None
         except BatchFailed as error:
             raise ClientError(f"decoding failed in {self.model_dir}: {error}") from None
         return response.model_dump(exclude_none=True)["translations"]
@@ -300,14 +304,15 @@ async def translate_lines(
 
 
 def score(hypotheses: list[str], references: list[str], target: str | None) -> str:
-    """sacreBLEU corpus BLEU and chrF, each with its signature (the defaults: cased, 13a tokenisation)."""
-    from sacrebleu.metrics import BLEU, CHRF
+    """sacreBLEU corpus BLEU and chrF, each with its signature (the defaults: cased, 13a tokenisation), through
+    the same ``score_translations`` that training and export report with."""
+    from model.decode import score_translations
 
-    lines = []
-    for metric in (BLEU(trg_lang=target or ""), CHRF()):
-        result = metric.corpus_score(hypotheses, [references])
-        lines.append(f"{result}\n  signature: {metric.get_signature()}")
-    return "\n".join(lines)
+    scores = score_translations(hypotheses, references, target or "")
+    return (
+        f"BLEU = {scores['bleu']:.2f}\n  signature: {scores['bleu_signature']}\n"
+        f"chrF2 = {scores['chrf']:.2f}\n  signature: {scores['chrf_signature']}"
+    )
 
 
 class ProgressAwareHandler(logging.Handler):

@@ -74,6 +74,17 @@ class EngineError(RuntimeError):
     """A model dir that cannot be served as asked; the message names the file or setting to change."""
 
 
+class SentenceTooLong(ValueError):
+    """A sentence has more subword tokens than the model's positions allow (413 in the service)."""
+
+    def __init__(self, index: int, length: int, limit: int, model: str) -> None:
+        self.index, self.length, self.limit, self.model = index, length, limit, model
+        super().__init__(
+            f"a sentence has {length} subword tokens; model {model} reads at most {limit} per sentence: "
+            "split it into shorter sentences"
+        )
+
+
 def available_devices() -> list[str]:
     return ["cuda", "cpu"] if CUDA_PROVIDER in ort.get_available_providers() else ["cpu"]
 
@@ -191,9 +202,14 @@ class Engine:
         return self.ort_model.variant
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
-        """Subword ids of each text, cut to the longest source the model's positions allow (EOS included)."""
+        """Subword ids of each text; SentenceTooLong for the first one longer than the model's positions allow
+        (EOS included), never a silently cut source (its translation would miss the end)."""
         limit = self.max_positions - 1
-        return [ids[:limit] for ids in self.tokenizer.encode_batch(list(texts))]
+        encoded = self.tokenizer.encode_batch(list(texts))
+        for i, ids in enumerate(encoded):
+            if len(ids) > limit:
+                raise SentenceTooLong(i, len(ids), limit, self.name)
+        return encoded
 
     def translate_batch(self, sources: Sequence[Sequence[int]], options: DecodeOptions) -> list[SentenceResult]:
         """Decode one batch of non-empty tokenized sources; one result per source, in order."""

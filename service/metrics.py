@@ -35,7 +35,9 @@ class Metrics:
         self.tokens_per_second = Gauge(
             "mt_tokens_per_second", "generated tokens per second of the last engine batch", ["model"], registry=r
         )
-        self.rejected = Counter("mt_rejected", "requests refused with 503", ["model", "reason"], registry=r)
+        self.rejected = Counter(
+            "mt_rejected", "requests the queue refused (503; 413 for too_large)", ["model", "reason"], registry=r
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -7,7 +7,9 @@ whitespace and a character that is not lower case; abbreviations such as "Dr. Sm
 
 Translations of a text's sentences are joined back into one result: the best texts joined, scores summed,
 the k-th alternative made of each sentence's k-th candidate (its last one where it has fewer), and attention
-laid out block-diagonally (each sentence's target rows attend over its own source tokens only).
+laid out block-diagonally (each sentence's target rows attend over its own source tokens only). That matrix
+is dense, so it grows with the square of the text's length: ``attention_cells`` says how big it would be, and
+the service refuses (413) responses over ``MT_MAX_ATTENTION_CELLS`` before building it.
 """
 
 from __future__ import annotations
@@ -87,6 +89,13 @@ def merge(segmented: Segmented, results: list[SentenceResult], n_best: int) -> T
     attentions = [r.attention for r in results]
     attention = None if any(a is None for a in attentions) else merge_attention(attentions)  # type: ignore[arg-type]
     return TextResult(segmented.join(best), score, alternatives, attention)
+
+
+def attention_cells(results: list[SentenceResult]) -> int:
+    """Weights in the merged attention of one text's sentences: all target tokens x all source tokens (the
+    block-diagonal matrix is dense, so this grows with the square of the text's length)."""
+    parts = [r.attention for r in results if r.attention is not None]
+    return sum(len(p.target_tokens) for p in parts) * sum(len(p.source_tokens) for p in parts)
 
 
 def merge_attention(parts: list[Attention]) -> Attention:

@@ -42,6 +42,13 @@ class Settings(BaseSettings):
     max_chars: int = Field(10_000, ge=1, description="characters per text (413 above)")
     max_beam: int = Field(16, ge=1, description="largest beam_size a request may ask for (422 above)")
     split_sentences: bool = Field(True, description="split texts into sentences (and lines) and rejoin them")
+    max_attention_cells: int = Field(
+        250_000,
+        ge=1,
+        description="attention weights one response may return with return_attention (413 above): each text's "
+        "matrix is its target tokens x its source tokens (sentences laid out block-diagonally, so it grows with "
+        "the square of the text's length), summed over the texts; 250,000 is about 2,000 characters of text",
+    )
 
     # Micro-batching.
     max_batch_tokens: int = Field(

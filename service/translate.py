@@ -6,17 +6,17 @@ import asyncio
 
 import numpy as np
 
-from service.engine import Attention, Candidate, DecodeOptions, SentenceResult
+from service.engine import Attention, Candidate, DecodeOptions, SentenceResult, SentenceTooLong
 from service.registry import ServedModel
 from service.schemas import Alternative, AttentionOut, TranslateRequest, TranslateResponse, Translation
-from service.segment import Segmented, TextResult, merge, split_text
+from service.segment import Segmented, TextResult, attention_cells, merge, split_text
 from service.settings import Settings
 
 INLINE_CHARS = 2000  # requests up to this many characters are tokenized on the event loop (tens of µs)
 
 
 class TooLarge(ValueError):
-    """The request exceeds MT_MAX_ITEMS or MT_MAX_CHARS (413)."""
+    """The request exceeds MT_MAX_ITEMS, MT_MAX_CHARS or MT_MAX_ATTENTION_CELLS (413)."""
 
 
 class BadOption(ValueError):
@@ -43,10 +43,55 @@ def check_limits(body: TranslateRequest, settings: Settings, served: ServedModel
         )
 
 
-def _prepare(texts: list[str], served: ServedModel, split: bool) -> tuple[list[Segmented], list[list[int]]]:
-    segmented = [split_text(text, split) for text in texts]
+def _prepare(
+    texts: list[str], served: ServedModel, split: bool, listed: bool = True
+) -> tuple[list[Segmented], list[list[int]]]:
+    """Split and tokenize; a request with more sentences than the queue holds is refused as soon as splitting
+    shows it (TooManySentences), before the rest is split or anything is tokenized."""
+    segmented, count = [], 0
+    for i, text in enumerate(texts):
+        seg = split_text(text, split)
+        count += len(seg.sentences)
+        served.batcher.check_size(count, at_least=i < len(texts) - 1)
+        segmented.append(seg)
     sentences = [s for seg in segmented for s in seg.sentences]
-    return segmented, served.engine.encode(sentences)
+    try:
+        return segmented, served.engine.encode(sentences)
+    except SentenceTooLong as error:
+        raise TooLarge(_too_long(error, segmented, listed, split)) from None
+
+
+def _too_long(error: SentenceTooLong, segmented: list[Segmented], listed: bool, split: bool) -> str:
+    """The 413 message for a sentence over the model's positions: which text, how long, and what to change."""
+    text, first = 0, 0
+    while first + len(segmented[text].sentences) <= error.index:
+        first += len(segmented[text].sentences)
+        text += 1
+    where = f"text[{text}]" if listed else "text"
+    if split:
+        where += f" (sentence {error.index - first + 1})"
+        change = "split the sentence into shorter ones (at ., !, ? or a line break)"
+    else:
+        change = "split the text into shorter ones, or set MT_SPLIT_SENTENCES=true to translate it sentence by sentence"
+    return (
+        f"{where} has {error.length} subword tokens in one sentence, over the {error.limit} that model "
+        f"{error.model} reads: {change}"
+    )
+
+
+def check_attention(segmented: list[Segmented], results: list[SentenceResult], limit: int) -> None:
+    """TooLarge when the attention matrices of the response (one block-diagonal matrix per text, target
+    tokens x source tokens) would hold more than ``limit`` weights in all."""
+    total, start = 0, 0
+    for seg in segmented:
+        total += attention_cells(results[start : start + len(seg.sentences)])
+        start += len(seg.sentences)
+    if total > limit:
+        raise TooLarge(
+            f"return_attention would return {total} attention weights (target x source tokens of each text), "
+            f"over this server's limit of {limit} (MT_MAX_ATTENTION_CELLS): send fewer or shorter texts with "
+            "return_attention, or leave it off"
+        )
 
 
 async def translate(
@@ -60,17 +105,19 @@ async def translate(
         max_length=body.max_length,
         return_attention=body.return_attention,
     )
-    texts = body.texts
+    texts, listed = body.texts, not isinstance(body.text, str)
     if sum(len(text) for text in texts) <= INLINE_CHARS:  # a thread hop costs more than tokenizing this much
-        segmented, sources = _prepare(texts, served, settings.split_sentences)
+        segmented, sources = _prepare(texts, served, settings.split_sentences, listed)
     else:
-        segmented, sources = await asyncio.to_thread(_prepare, texts, served, settings.split_sentences)
+        segmented, sources = await asyncio.to_thread(_prepare, texts, served, settings.split_sentences, listed)
     # Tokenless sentences (nothing SentencePiece keeps) translate to "" without the engine.
     queued = [i for i, src in enumerate(sources) if src]
     decoded = await served.batcher.translate([sources[i] for i in queued], options, request_id)
     results = [_empty(options)] * len(sources)
     for i, result in zip(queued, decoded, strict=True):
         results[i] = result
+    if options.return_attention:
+        check_attention(segmented, results, settings.max_attention_cells)
     translations, start = [], 0
     for seg in segmented:
         merged = merge(seg, results[start : start + len(seg.sentences)], body.n_best)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from service import translate as translate_module
 from service.app import create_app
 from service.engine import DecodeOptions, Engine
 from service.settings import Settings, get_settings
@@ -107,3 +108,85 @@ def test_request_timeout_answers_503(served_model_dir: Path, monkeypatch: pytest
         assert (
             test_client.post("/v1/translate", json={"text": "w01 w02"}).json()["translations"][0]["text"] == "w01 w02"
         )
+
+
+def test_a_chunked_body_over_the_limit_answers_413(client: TestClient) -> None:
+    """No Content-Length to check up front: the bytes are counted as they arrive."""
+    limit = 8 * (100 * 6 + 64) + 64 * 1024  # create_app's body limit for max_items=8, max_chars=100
+
+    def body():  # valid JSON (one short text and a lot of whitespace), so only the size is wrong
+        yield b'{"text": "w01"'
+        for _ in range(limit // 1024 + 2):
+            yield b" " * 1024
+        yield b"}"
+
+    response = client.post(
+        "/v1/translate", content=body(), headers={"content-type": "application/json", "x-request-id": "chunky"}
+    )
+    assert response.status_code == 413, response.text
+    assert "content-length" not in response.request.headers
+    detail = response.json()["detail"]
+    assert str(limit) in detail and "fewer or shorter texts" in detail
+    assert response.headers["x-request-id"] == "chunky" == response.json()["request_id"]
+    chunks = iter([b'{"text": ', b'"w01 w02"}'])  # chunked too, under the limit
+    small = client.post("/v1/translate", content=chunks, headers={"content-type": "application/json"})
+    assert small.status_code == 200 and small.json()["translations"][0]["text"] == "w01 w02"
+
+
+def test_an_unexpected_error_answers_500_with_the_request_id(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(*args, **kwargs):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(translate_module, "translate", broken)
+    response = client.post("/v1/translate", json={"text": "w01"}, headers={"x-request-id": "bug-42"})
+    assert response.status_code == 500
+    assert response.headers["x-request-id"] == "bug-42"
+    assert response.json() == {"detail": "internal error; report request id bug-42", "request_id": "bug-42"}
+
+
+def test_a_request_with_more_sentences_than_the_queue_holds_answers_413(served_model_dir: Path) -> None:
+    app = create_app(Settings(models=[served_model_dir], threads=1, queue_size=4))
+    with TestClient(app) as test_client:
+        wait_ready(test_client)
+        lines = test_client.post("/v1/translate", json={"text": "w01\nw02\nw03\nw04\nw05"})  # five sentences
+        assert lines.status_code == 413, lines.text
+        assert "MT_QUEUE_SIZE=4" in lines.json()["detail"] and "split the request" in lines.json()["detail"]
+        texts = test_client.post("/v1/translate", json={"text": ["w01", "w02", "w03", "w04", "w05"]})
+        assert texts.status_code == 413, texts.text
+        four = "w01 w02\nw03 w04\nw05 w06\nw07 w08"
+        fits = test_client.post("/v1/translate", json={"text": four})  # an empty queue takes it
+        assert fits.status_code == 200 and fits.json()["translations"][0]["text"] == four
+
+
+def test_attention_over_the_budget_answers_413(served_model_dir: Path) -> None:
+    app = create_app(Settings(models=[served_model_dir], threads=1, max_attention_cells=30))
+    with TestClient(app) as test_client:
+        wait_ready(test_client)
+        small = test_client.post("/v1/translate", json={"text": "w01 w02", "return_attention": True})
+        assert small.status_code == 200 and small.json()["translations"][0]["attention"]["weights"]
+        # Two lines of four words: 16 target x 16 source subword tokens = 256 weights (dense, block-diagonal).
+        big = test_client.post(
+            "/v1/translate", json={"text": "w01 w02 w03 w04\nw05 w06 w07 w08", "return_attention": True}
+        )
+        assert big.status_code == 413, big.text
+        detail = big.json()["detail"]
+        assert "MT_MAX_ATTENTION_CELLS" in detail and "30" in detail and "return_attention" in detail
+        plain = test_client.post("/v1/translate", json={"text": "w01 w02 w03 w04\nw05 w06 w07 w08"})
+        assert plain.status_code == 200
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_a_sentence_longer_than_the_model_reads_answers_413(served_model_dir: Path, split: bool) -> None:
+    app = create_app(Settings(models=[served_model_dir], threads=1, split_sentences=split))
+    with TestClient(app) as test_client:
+        wait_ready(test_client)
+        limit = test_client.app.state.service.registry.resolve(None, None).engine.max_positions - 1
+        long = " ".join(["w01"] * (limit + 20))
+        # beam 1 and a short max_length keep a (wrong) truncated decode quick
+        response = test_client.post("/v1/translate", json={"text": ["w02", long], "beam_size": 1, "max_length": 5})
+        assert response.status_code == 413, response.text[:300]
+        detail = response.json()["detail"]
+        assert detail.startswith("text[1]") and f"over the {limit}" in detail
+        assert ("split the sentence" in detail) if split else ("MT_SPLIT_SENTENCES" in detail)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from service.cli import load_settings, parse_args
 from service.cli import main as mt_serve
 
 
@@ -68,3 +69,9 @@ def test_two_models_for_one_pair_are_refused(model_copy: Path, served_model_dir:
     assert (meta["source_lang"], meta["target_lang"]) == ("src", "tgt")
     assert mt_serve(["--model", str(served_model_dir), "--model", str(model_copy)]) == 1
     assert "both translate src→tgt" in capsys.readouterr().err
+
+
+def test_port_zero_is_kept_and_unset_flags_leave_the_settings_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MT_PORT", "9000")
+    assert load_settings(parse_args(["--port", "0"])).port == 0  # 0: any free port, not "unset"
+    assert load_settings(parse_args([])).port == 9000
