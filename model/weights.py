@@ -19,6 +19,7 @@ def save_weights(model: Transformer, path: str | Path, dtype: torch.dtype = torc
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(state, str(tmp), metadata={"format": "pt"})
+    os.chmod(tmp, 0o644)  # readable by a server running as another user
     os.replace(tmp, path)
 
 

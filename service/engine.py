@@ -102,11 +102,18 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_variant(manifest: dict, variant: str, device: str) -> str:
-    """``auto`` → the fast variant for the device (fp16 on CUDA, int8 on CPU) if recommended, else fp32."""
+    """``auto`` → fp16 on CUDA if the manifest recommends it, else fp32.
+
+    int8 is never chosen automatically: dynamic quantization scales each activation tensor by the range
+    of the whole batch, so a sentence's int8 translation depends on what it was batched with, which the
+    API promises it does not (MT_VARIANT=int8 opts in, for speed).
+    """
     variants = manifest.get("variants", {})
     if variant != "auto":
         return variant
-    preferred = "fp16" if device == "cuda" else "int8"
+    if device != "cuda":
+        return "fp32"
+    preferred = "fp16"
     return preferred if variants.get(preferred, {}).get("recommended") else "fp32"
 
 
