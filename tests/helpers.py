@@ -49,26 +49,39 @@ def toy_pairs(
     return pairs
 
 
+def run_overrides(data_dir: Path, output_dir: Path, **settings: object) -> list[str]:
+    """``--set`` overrides for a CPU run of the ``tiny`` preset on a ``src``/``tgt`` toy data dir.
+
+    ``settings`` adds or replaces keys, written with ``__`` for the dot (``train__max_steps=50``).
+    """
+    base: dict[str, object] = {
+        "data.dir": data_dir,
+        "data.src": "src",
+        "data.tgt": "tgt",
+        "data.valid": "valid",
+        "output_dir": output_dir,
+        "model.preset": "tiny",
+        "train.device": "cpu",
+        "train.keep_last": 2,
+        "train.average_last": 2,
+        "eval.beam_size": 2,
+    }
+    base.update({key.replace("__", "."): value for key, value in settings.items()})
+    return [f"{key}={value}" for key, value in base.items()]
+
+
 def toy_overrides(data_dir: Path, output_dir: Path) -> list[str]:
     """``--set`` overrides for a run on ``toy_data_dir`` that trains in seconds on a CPU."""
-    return [
-        f"data.dir={data_dir}",
-        "data.src=src",
-        "data.tgt=tgt",
-        "data.valid=valid",
-        f"output_dir={output_dir}",
-        "tokenizer.vocab_size=64",
-        "model.preset=tiny",
-        "train.max_steps=50",
-        "train.batch_tokens=512",
-        "train.warmup_steps=10",
-        "train.eval_every=25",
-        "train.log_every=10",
-        "train.device=cpu",
-        "train.keep_last=2",
-        "train.average_last=2",
-        "eval.beam_size=2",
-    ]
+    return run_overrides(
+        data_dir,
+        output_dir,
+        tokenizer__vocab_size=64,
+        train__max_steps=50,
+        train__batch_tokens=512,
+        train__warmup_steps=10,
+        train__eval_every=25,
+        train__log_every=10,
+    )
 
 
 # The tiny model every package's tests share: d_model 32, 2+2 layers, trained by mt-train on a copy task
@@ -77,24 +90,16 @@ COPY_TASK = dict(n_words=12, lengths=(2, 7))
 
 
 def copy_task_overrides(data_dir: Path, output_dir: Path) -> list[str]:
-    return [
-        f"data.dir={data_dir}",
-        "data.src=src",
-        "data.tgt=tgt",
-        "data.valid=valid",
-        f"output_dir={output_dir}",
-        "tokenizer.vocab_size=40",
-        "model.preset=tiny",
-        "model.dropout=0.0",
-        "train.max_steps=2000",
-        "train.batch_tokens=1024",
-        "train.warmup_steps=200",
-        "train.lr_scale=1.0",
-        "train.eval_every=500",
-        "train.save_every=0",
-        "train.log_every=100",
-        "train.device=cpu",
-        "train.keep_last=2",
-        "train.average_last=2",
-        "eval.beam_size=2",
-    ]
+    return run_overrides(
+        data_dir,
+        output_dir,
+        tokenizer__vocab_size=40,
+        model__dropout=0.0,
+        train__max_steps=2000,
+        train__batch_tokens=1024,
+        train__warmup_steps=200,
+        train__lr_scale=1.0,
+        train__eval_every=500,
+        train__save_every=0,
+        train__log_every=100,
+    )

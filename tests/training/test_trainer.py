@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_parallel, toy_pairs
+from helpers import make_parallel, run_overrides, toy_pairs
 
 from model.search import SearchConfig
 from model.tokenizer import Tokenizer
@@ -32,26 +32,18 @@ def read_lines(path: Path) -> list[str]:
 
 
 def toy_args(data_dir: Path, out: Path, *extra: str) -> list[str]:
-    settings = [
-        f"data.dir={data_dir}",
-        "data.src=src",
-        "data.tgt=tgt",
-        "data.valid=valid",
-        f"output_dir={out}",
-        "tokenizer.vocab_size=40",
-        "model.preset=tiny",
-        "train.batch_tokens=256",
-        "train.warmup_steps=10",
-        "train.eval_every=10",
-        "train.log_every=5",
-        "train.device=cpu",
-        "train.keep_last=3",
-        "train.average_last=2",
-        "eval.beam_size=2",
-        "eval.max_sentences=5",
-        *extra,
-    ]
-    return ["--config", CONFIG, *[a for s in settings for a in ("--set", s)]]
+    settings = run_overrides(
+        data_dir,
+        out,
+        tokenizer__vocab_size=40,
+        train__batch_tokens=256,
+        train__warmup_steps=10,
+        train__eval_every=10,
+        train__log_every=5,
+        train__keep_last=3,
+        eval__max_sentences=5,
+    )
+    return ["--config", CONFIG, *[a for s in [*settings, *extra] for a in ("--set", s)]]
 
 
 @pytest.fixture
