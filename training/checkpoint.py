@@ -8,7 +8,13 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+
+try:  # numpy >= 2
+    from numpy._core import multiarray as np_multiarray
+except ImportError:  # numpy 1.x
+    from numpy.core import multiarray as np_multiarray
 
 log = logging.getLogger(__name__)
 STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
@@ -44,9 +50,16 @@ def prune_checkpoints(directory: Path, keep_last: int) -> None:
         path.unlink(missing_ok=True)
 
 
+# What a checkpoint holds besides tensors and plain containers: numpy's RNG state (a uint32 array). These
+# rebuild an array from its dtype and bytes; nothing else a pickle could name is allowed to load.
+NUMPY_RNG_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), np_multiarray._reconstruct]
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    # Our own files: they hold RNG states and optimizer state, which need full unpickling.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A checkpoint read with torch's weights-only unpickler: tensors, plain containers and numpy's RNG state
+    only, so a crafted file cannot run code on ``--resume`` (it fails with an UnpicklingError instead)."""
+    with torch.serialization.safe_globals(NUMPY_RNG_GLOBALS):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def average_state_dicts(paths: list[Path]) -> dict[str, torch.Tensor]:
