@@ -85,6 +85,10 @@ class TokenizerConfig:
     model_type: str = _choice("unigram", ("unigram", "bpe", "char", "word"))
     character_coverage: float = _fraction(1.0, one_allowed=True)
     input_sentence_size: int = _at_least(2_000_000, 0)  # 0 = every sentence
+    # Subword regularisation for training only (training/subword.py), unigram models: 0 = off, else the
+    # smoothing of P(segmentation)**alpha over the sampling_nbest best segmentations (Kudo: 0.1 and 64).
+    sampling_alpha: float = _at_least(0.0, 0.0)
+    sampling_nbest: int = _at_least(64, 2)
 
 
 @dataclass(frozen=True)
@@ -349,6 +353,12 @@ def _cross_checks(kwargs: dict[str, Any]) -> list[str]:
             out.append(f"data.src and data.tgt are both {data.src!r}; set them to two different languages")
         if isinstance(data.max_len_ratio, float) and 0 < data.max_len_ratio < 1:
             out.append(f"data.max_len_ratio must be 0 (off) or at least 1, got {data.max_len_ratio}")
+    tokenizer = kwargs.get("tokenizer")
+    if isinstance(tokenizer, TokenizerConfig) and tokenizer.sampling_alpha > 0 and tokenizer.model_type != "unigram":
+        out.append(
+            f"tokenizer.sampling_alpha needs model_type unigram (it samples unigram segmentations), not "
+            f"{tokenizer.model_type!r}; set sampling_alpha to 0 or model_type to unigram"
+        )
     if isinstance(optim, OptimConfig):
         keep, average = optim.keep_last, optim.average_last
         if isinstance(keep, int) and isinstance(average, int) and average > keep:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers import make_parallel, run_overrides, toy_pairs
 
-from model.search import SearchConfig
+from model.decoding import DecodingOptions
 from model.tokenizer import Tokenizer
 from model.weights import load_model
 from training.checkpoint import average_state_dicts, load_checkpoint, save_checkpoint, step_checkpoints
@@ -59,9 +59,9 @@ def test_tiny_model_learns_the_copy_task_exactly(trained_model_dir: Path, copy_t
     model, info = load_model(trained_model_dir)
     tokenizer = Tokenizer(info.tokenizer_file)
     sources = read_lines(copy_task_dir / "test.src")  # held out: never seen in training or validation
-    outputs = translate_texts(model, tokenizer, sources, SearchConfig(beam_size=4))
+    outputs = translate_texts(model, tokenizer, sources, DecodingOptions(beam_size=4))
     assert outputs == read_lines(copy_task_dir / "test.tgt")
-    greedy = translate_texts(model, tokenizer, sources, SearchConfig(beam_size=1))
+    greedy = translate_texts(model, tokenizer, sources, DecodingOptions(beam_size=1))
     assert greedy == read_lines(copy_task_dir / "test.tgt")
 
 
@@ -104,13 +104,18 @@ def assert_same_training_state(a: Path, b: Path) -> None:
     assert sa["progress"]["tokens_seen"] == sb["progress"]["tokens_seen"]
 
 
+# Dropout and subword sampling on: both draw randomness that resume must restore exactly.
+SAMPLED = ("model.dropout=0.3", "tokenizer.sampling_alpha=0.3", "tokenizer.sampling_nbest=16")
+
+
 def test_resume_after_a_kill_is_bit_exact(toy_dir: Path, tmp_path: Path) -> None:
-    """A run killed with SIGKILL and resumed ends with the same weights and Adam moments, bit for bit."""
+    """A run killed with SIGKILL and resumed ends with the same weights and Adam moments, bit for bit,
+    across epoch boundaries, each of which draws a new subword sample."""
     straight = tmp_path / "straight"
-    assert mt_train(toy_args(toy_dir, straight, "train.max_steps=40", "model.dropout=0.3")) == 0
+    assert mt_train(toy_args(toy_dir, straight, "train.max_steps=40", *SAMPLED)) == 0
 
     killed = tmp_path / "killed"
-    args = toy_args(toy_dir, killed, "train.max_steps=100000", "model.dropout=0.3")
+    args = toy_args(toy_dir, killed, "train.max_steps=100000", *SAMPLED)
     proc = subprocess.Popen([sys.executable, "-m", "training.cli", *args], stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
@@ -122,7 +127,7 @@ def test_resume_after_a_kill_is_bit_exact(toy_dir: Path, tmp_path: Path) -> None
         proc.wait(timeout=30)
     resumed_from = max(step for step, _ in step_checkpoints(killed / "checkpoints"))
     assert 20 <= resumed_from < 40
-    assert mt_train(toy_args(toy_dir, killed, "train.max_steps=40", "model.dropout=0.3") + ["--resume"]) == 0
+    assert mt_train(toy_args(toy_dir, killed, "train.max_steps=40", *SAMPLED) + ["--resume"]) == 0
     assert_same_training_state(straight / "checkpoints" / "step_0000040.pt", killed / "checkpoints" / "step_0000040.pt")
     for name in ("weights.safetensors",):
         assert (straight / name).read_bytes() == (killed / name).read_bytes()
