@@ -36,6 +36,7 @@ from training.loss import label_smoothed_nll_loss
 from training.metrics import MetricsLog
 from training.schedule import noam_lr
 from training.spm import train_spm
+from training.subword import sample_dataset
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,7 @@ class Trainer:
             filter_long=False,
         )
         self.model_config: ModelConfig = cfg.model.build(self.tokenizer.vocab_size)
+        self._sampled: tuple[int, data_lib.ParallelDataset] | None = None
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -180,9 +182,24 @@ class Trainer:
         log.info("resumed from %s at step %d", path, self.progress.step)
 
     # -- the loop --------------------------------------------------------------------------------------
+    def epoch_dataset(self, epoch: int) -> data_lib.ParallelDataset:
+        """The training pairs as epoch ``epoch`` sees them: the best segmentation, or with subword
+        regularisation on, that epoch's sample (made once per epoch, reproducible on resume)."""
+        t = self.cfg.tokenizer
+        if t.sampling_alpha <= 0:
+            return self.train_set
+        if self._sampled is None or self._sampled[0] != epoch:
+            sampled = sample_dataset(
+                self.tokenizer.sp, self.train_pairs, self.train_set, t.sampling_alpha, t.sampling_nbest,
+                self.cfg.data.max_len, self.cfg.seed, epoch,
+            )  # fmt: skip
+            self._sampled = (epoch, sampled)
+        return self._sampled[1]
+
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        dataset = self.epoch_dataset(epoch)
         batches = data_lib.make_batches(
-            self.train_set.src_lens, self.train_set.tgt_lens, self.cfg.train.batch_tokens, self.cfg.seed, epoch
+            dataset.src_lens, dataset.tgt_lens, self.cfg.train.batch_tokens, self.cfg.seed, epoch
         )
         return data_lib.shard(batches, self.dist.rank, self.dist.world_size)
 
@@ -243,7 +260,8 @@ class Trainer:
         lr = noam_lr(self.progress.step + 1, self.model_config.d_model, cfg.warmup_steps, cfg.lr_scale)
         for param_group in self.optimizer.param_groups:
             param_group["lr"] = lr
-        batches = [data_lib.collate(self.train_set, idx) for idx in group]
+        dataset = self.epoch_dataset(self.progress.epoch)
+        batches = [data_lib.collate(dataset, idx) for idx in group]
         local_tokens = sum(b.n_tgt_tokens for b in batches)
         # Normalise by every rank's tokens: DDP averages gradients over ranks, so scale back by world size.
         total_tokens = all_reduce_sum(float(local_tokens), self.dist, self.device)
