@@ -11,6 +11,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service import translate as translation
+from service.auth import CallerDep, charge_chars, require_key
 from service.logs import request_id_var
 from service.registry import Registry
 from service.schemas import ErrorBody, Health, ModelOut, ModelsResponse, TranslateRequest, TranslateResponse
@@ -50,10 +51,13 @@ ERRORS = {
     status: {"model": ErrorBody, "description": text}
     for status, text in {
         400: "the body is not valid JSON",
+        401: "an API key is needed (MT_API_KEYS_FILE is set): send Authorization: Bearer <key>",
+        403: "the API key is not valid",
         404: "no model for this language pair",
         413: "too many texts or characters",
         415: "the body is not JSON",
         422: "a field is invalid",
+        429: "over a rate limit (see Retry-After)",
         500: "decoding failed (the body names the request id)",
         503: "not ready, queue full or timed out (see Retry-After)",
     }.items()
@@ -83,10 +87,11 @@ async def _until_disconnect(request: Request) -> None:
     summary="Translate one text or a list of texts",
 )
 async def translate(
-    body: TranslateRequest, request: Request, registry: RegistryDep, settings: SettingsDep
+    body: TranslateRequest, request: Request, caller: CallerDep, registry: RegistryDep, settings: SettingsDep
 ) -> TranslateResponse | Response:
     served = registry.resolve(body.source, body.target)
     translation.check_limits(body, settings, served)
+    charge_chars(request, caller, sum(len(text) for text in body.texts))
     work = asyncio.ensure_future(translation.translate(body, served, settings, request_id_var.get()))
     gone = asyncio.ensure_future(_until_disconnect(request))
     try:
@@ -103,7 +108,13 @@ async def translate(
         return Response(status_code=499)  # nobody is listening; the status is for the log and metrics
 
 
-@router.get("/v1/models", response_model=ModelsResponse, responses=ERRORS, summary="Loaded models and their pairs")
+@router.get(
+    "/v1/models",
+    response_model=ModelsResponse,
+    responses=ERRORS,
+    dependencies=[Depends(require_key)],
+    summary="Loaded models and their pairs",
+)
 async def models(registry: RegistryDep) -> ModelsResponse:
     out = []
     for served in registry.models.values():

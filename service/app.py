@@ -21,10 +21,12 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from service.api import router
+from service.auth import AccessDenied, KeyStore
 from service.batcher import BatchFailed, QueueFull, RequestTimeout, TooManySentences
 from service.engine import SentenceTooLong
 from service.logs import request_id_var
 from service.metrics import Metrics
+from service.ratelimit import RateLimiter
 from service.registry import AmbiguousPair, UnknownPair
 from service.settings import Settings, get_settings
 from service.state import NotReady, ServiceState
@@ -187,6 +189,12 @@ def add_error_handlers(app: FastAPI) -> None:
 
         app.add_exception_handler(cls, _domain)
 
+    @app.exception_handler(AccessDenied)
+    async def _denied(request: Request, exc: AccessDenied) -> JSONResponse:
+        response = error_response(exc.status_code, str(exc))
+        response.headers.update(exc.headers)
+        return response
+
     @app.exception_handler(BatchFailed)
     async def _batch(request: Request, exc: BatchFailed) -> JSONResponse:
         rid = request_id_var.get()
@@ -199,7 +207,9 @@ def add_error_handlers(app: FastAPI) -> None:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """The app; ``settings`` replaces the environment's (the ``get_settings`` dependency is overridden)."""
+    """The app; ``settings`` replaces the environment's (the ``get_settings`` dependency is overridden).
+
+    Raises KeyFileError (MT_API_KEYS_FILE) or BadLimit (a rate-limit setting) when those cannot be used."""
     app = FastAPI(
         title="Transformer translation service",
         description="Beam-search translation with ONNX Runtime and cross-request micro-batching.",
@@ -210,6 +220,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.dependency_overrides[get_settings] = lambda: settings
     current = app_settings(app)
     app.state.metrics = Metrics()
+    app.state.keys = KeyStore.load(current.api_keys_file) if current.api_keys_file else None
+    app.state.limiter = RateLimiter(current)
     max_body = current.max_items * (current.max_chars * 6 + 64) + 64 * 1024  # JSON escapes included
     app.add_middleware(RequestContext, metrics=app.state.metrics, max_body_bytes=max_body)
     add_error_handlers(app)

@@ -60,6 +60,33 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(60.0, gt=0, description="a request still undecoded after this gets 503")
     retry_after_s: int = Field(1, ge=0, description="the Retry-After header of 503 answers, in seconds")
 
+    # Access: API keys and rate limits (see service/auth.py and service/ratelimit.py).
+    api_keys_file: Path | None = Field(
+        None,
+        description="file of API keys, one per line (`sha256:<hex>` for a hashed key, # comments); unset = no keys "
+        "needed; set = every route but health, metrics and the demo page needs `Authorization: Bearer <key>`",
+    )
+    key_request_limit: str = Field(
+        "", description="requests per API key, as `120/minute` (`limits` notation; empty = none)"
+    )
+    key_char_limit: str = Field("", description="characters of text per API key, as `200000/minute` (empty = none)")
+    address_request_limit: str = Field("", description="requests per client address, as `60/minute` (empty = none)")
+    address_char_limit: str = Field("", description="characters of text per client address, as `100000/minute`")
+
+    # HTTP server limits (uvicorn with h11; see service/server.py).
+    max_header_bytes: int = Field(16_384, ge=1024, description="request line + headers; 431 above")
+    header_timeout_s: float = Field(10.0, gt=0, description="time a client has to send a request's headers (408)")
+    body_timeout_s: float = Field(30.0, gt=0, description="time a client has to send a request's body (408)")
+    keep_alive_s: int = Field(5, ge=1, description="an idle keep-alive connection is closed after this")
+    max_connections: int = Field(1000, ge=1, description="open connections (and requests) before new ones get 503")
+    drain_s: float = Field(
+        0.0, ge=0, description="on SIGTERM, keep serving this long with /health/ready at 503 before closing the port"
+    )
+    forwarded_allow_ips: str = Field(
+        "127.0.0.1",
+        description="proxies whose X-Forwarded-For names the client (for per-address limits); `*` = any",
+    )
+
     # Logging.
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_json: bool = Field(False, description="one JSON object per log line (with the request id)")
