@@ -1,9 +1,10 @@
 """Texts to sentences and back: split at line breaks and sentence ends, translate, rejoin with the original spacing.
 
 A text becomes its sentences plus the whitespace around them (``separators``, one more than the sentences),
-so that line breaks, blank lines and leading/trailing space come back exactly where they were. A sentence
-ends at a line break, or at ``.``, ``!``, ``?`` or ``…`` (closing quotes and brackets may follow) before
-whitespace and a character that is not lower case; abbreviations such as "Dr. Smith" are split too.
+so that line breaks, blank lines and leading/trailing space come back exactly where they were. A line break
+always ends a sentence; within a line, sentence ends are found by sentencex (Wikimedia's rule-based segmenter,
+with abbreviation lists for about 300 languages, falling back along a language chain, to English at last),
+given the source language of the model: "Dr. Müller geht nach Hause." stays one sentence.
 
 Translations of a text's sentences are joined back into one result: the best texts joined, scores summed,
 the k-th alternative made of each sentence's k-th candidate (its last one where it has fewer), and attention
@@ -18,12 +19,12 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+import sentencex
 
 from service.engine import Attention, SentenceResult, word_index
+from service.registry import normalize
 
-SENTENCE_END = ".!?…"
-CLOSERS = "\"'”’»)]"
-_WHITESPACE = re.compile(r"\s+")
+_LINES = re.compile(r"\s*\n\s*")  # a line break, with the whitespace around it
 
 
 @dataclass(frozen=True)
@@ -46,32 +47,42 @@ class TextResult:
     attention: Attention | None
 
 
-def _ends_sentence(text: str, start: int, end: int) -> bool:
-    """Whether the whitespace run ``text[start:end]`` is a sentence boundary."""
-    if "\n" in text[start:end]:
-        return True
-    i = start - 1
-    while i >= 0 and text[i] in CLOSERS:
-        i -= 1
-    return i >= 0 and text[i] in SENTENCE_END and end < len(text) and not text[end].islower()
+def _sentences(line: str, language: str) -> list[tuple[str, str]]:
+    """A line (no line break, no leading whitespace) as (sentence, whitespace after it) pairs."""
+    pieces = list(sentencex.segment(language, line))
+    if "".join(pieces) != line:  # sentencex keeps every character; if it ever did not, keep the line whole
+        pieces = [line]
+    out = []
+    for piece in pieces:
+        sentence = piece.strip()
+        before = piece[: len(piece) - len(piece.lstrip())]
+        if out and (before or not sentence):  # whitespace belongs to the separator after the sentence before
+            out[-1] = (out[-1][0], out[-1][1] + (before if sentence else piece))
+        if sentence:
+            out.append((sentence, piece[len(before) + len(sentence) :]))
+    return out
 
 
-def split_text(text: str, sentences: bool = True) -> Segmented:
-    """Split ``text`` into sentences (or, with ``sentences`` False, keep it whole, trimmed)."""
+def split_text(text: str, sentences: bool = True, language: str = "en") -> Segmented:
+    """Split ``text`` into sentences by the rules of ``language`` (a BCP-47 tag), or with ``sentences`` False
+    keep it whole (trimmed)."""
     stripped = text.strip()
     if not stripped:
         return Segmented([], [text])
     lead, trail = text[: len(text) - len(text.lstrip())], text[len(text.rstrip()) :]
     if not sentences:
         return Segmented([stripped], [lead, trail])
-    found, separators, begin = [], [lead], len(lead)
-    for match in _WHITESPACE.finditer(text, len(lead), len(text) - len(trail)):
-        if _ends_sentence(text, match.start(), match.end()):
-            found.append(text[begin : match.start()])
-            separators.append(match.group())
-            begin = match.end()
-    found.append(text[begin : len(text) - len(trail)])
-    separators.append(trail)
+    code = normalize(language).split("-", 1)[0]
+    found, separators = [], [lead]
+    breaks = list(_LINES.finditer(stripped))
+    starts = [0] + [m.end() for m in breaks]
+    ends = [m.start() for m in breaks] + [len(stripped)]
+    for i, (begin, end) in enumerate(zip(starts, ends, strict=True)):
+        for sentence, after in _sentences(stripped[begin:end], code):
+            found.append(sentence)
+            separators.append(after)
+        separators[-1] += breaks[i].group() if i < len(breaks) else ""
+    separators[-1] += trail
     return Segmented(found, separators)
 
 

@@ -50,7 +50,7 @@ def _prepare(
     shows it (TooManySentences), before the rest is split or anything is tokenized."""
     segmented, count = [], 0
     for i, text in enumerate(texts):
-        seg = split_text(text, split)
+        seg = split_text(text, split, served.pair[0])  # the source language's sentence rules
         count += len(seg.sentences)
         served.batcher.check_size(count, at_least=i < len(texts) - 1)
         segmented.append(seg)

@@ -10,20 +10,26 @@ from service.segment import merge, split_text
 
 
 @pytest.mark.parametrize(
-    ("text", "sentences"),
+    ("language", "text", "sentences"),
     [
-        ("Hello world.", ["Hello world."]),
-        ("One. Two! Three? four", ["One.", "Two!", "Three? four"]),
-        ('He said "Stop." Then left.', ['He said "Stop."', "Then left."]),
-        ("a\nb\n\nc", ["a", "b", "c"]),
-        ("  padded  ", ["padded"]),
-        ("3.5 apples. 2 pears", ["3.5 apples.", "2 pears"]),
-        ("", []),
-        (" \n ", []),
+        ("en", "Hello world.", ["Hello world."]),
+        ("en", "One. Two! Three? Four", ["One.", "Two!", "Three?", "Four"]),
+        ("en", 'He said "Stop." Then left.', ['He said "Stop."', "Then left."]),
+        ("en", "a\nb\n\nc", ["a", "b", "c"]),
+        ("en", "  padded  ", ["padded"]),
+        ("en", "3.5 apples. 2 pears", ["3.5 apples.", "2 pears"]),
+        ("en", "", []),
+        ("en", " \n ", []),
+        # Abbreviations the old regex split after ("A group of friends. A garbage man..." from one sentence).
+        ("de", "Dr. Müller geht nach Hause.", ["Dr. Müller geht nach Hause."]),
+        ("de", "Dr. Müller geht z.B. nach Hause. Er ist müde!", ["Dr. Müller geht z.B. nach Hause.", "Er ist müde!"]),
+        ("de-DE", "Wir sehen uns am 3. Mai. Bis dann.", ["Wir sehen uns am 3. Mai.", "Bis dann."]),
+        ("en", "Mr. Smith met Dr. Jones.  Then he left.", ["Mr. Smith met Dr. Jones.", "Then he left."]),
+        ("src", "w01 w02. w03\r\n w04", ["w01 w02.", "w03", "w04"]),  # an unknown code: English rules
     ],
 )
-def test_split_text(text: str, sentences: list[str]) -> None:
-    segmented = split_text(text)
+def test_split_text(language: str, text: str, sentences: list[str]) -> None:
+    segmented = split_text(text, language=language)
     assert segmented.sentences == sentences
     assert segmented.join(segmented.sentences) == text  # whitespace and line breaks come back exactly
 
@@ -39,7 +45,7 @@ def _result(texts: list[str], scores: list[float], attention: Attention | None =
 
 
 def test_merge_joins_best_and_alternatives() -> None:
-    segmented = split_text("A. B.")
+    segmented = split_text("One. Two.")
     merged = merge(segmented, [_result(["a", "a2", "a3"], [-1, -2, -3]), _result(["b", "b2"], [-0.5, -1])], 3)
     assert merged.text == "a b"
     assert merged.score == pytest.approx(-1.5)
