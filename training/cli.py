@@ -27,6 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--resume", action="store_true", help="continue from the last checkpoint in output_dir/checkpoints"
     )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="start over in an output_dir that holds another run's model or checkpoints (deletes them)",
+    )
     return parser
 
 
@@ -45,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.trainer import Trainer, TrainingError
 
     try:
-        trainer = Trainer(cfg, resume=args.resume)
+        trainer = Trainer(cfg, resume=args.resume, force=args.force)
         if trainer.resume_from is not None:
             print(f"mt-train: resumed from {trainer.resume_from} at step {trainer.progress.step}", file=sys.stderr)
         trainer.run()

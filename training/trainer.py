@@ -41,6 +41,14 @@ from training.subword import sample_dataset
 log = logging.getLogger(__name__)
 
 
+# What a finished or started run leaves in its output dir (besides checkpoints/); --force deletes them.
+RUN_FILES = ("model.json", "weights.safetensors", "metrics.jsonl", "training_curves.png", "spm.model", "spm.vocab")
+
+
+# The tokenizer settings that decide spm.model: a resumed run must keep them (sampling may change).
+TOKENIZER_KEYS = ("vocab_size", "model", "model_type", "character_coverage", "input_sentence_size")
+
+
 class TrainingError(RuntimeError):
     """A run that cannot start or continue as asked; the message says what to do."""
 
@@ -92,7 +100,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 class Trainer:
     """Builds everything from a ``TrainConfig`` (checks first, before any training), then ``run()``."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False) -> None:
+    def __init__(self, cfg: TrainConfig, resume: bool = False, force: bool = False) -> None:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
@@ -102,7 +110,7 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
         self.amp_dtype = pick_amp(cfg.train.amp, self.device)
-        self.resume_from = self._check_resume(resume)
+        self.resume_from = self._check_output_dir(resume, force)
         self.train_pairs, self.valid_pairs = data_lib.check_data(cfg.data)
 
         self.tokenizer = self._prepare_tokenizer()
@@ -134,17 +142,25 @@ class Trainer:
         self.metrics = MetricsLog(self.out / "metrics.jsonl", self.progress.step if self.resume_from else None)
 
     # -- setup -----------------------------------------------------------------------------------------
-    def _check_resume(self, resume: bool) -> Path | None:
+    def _check_output_dir(self, resume: bool, force: bool) -> Path | None:
+        """The checkpoint to resume from, if any; refuses to start over another run's files unless forced."""
         latest = latest_checkpoint(self.ckpt_dir)
         if resume:
             if latest is None:
                 raise TrainingError(f"--resume: no checkpoint in {self.ckpt_dir}; start without --resume")
             return latest
-        if latest is not None:
+        found = [p.name for p in (self.ckpt_dir, *(self.out / n for n in RUN_FILES)) if p.exists()]
+        if found and not force:
+            what = f"checkpoints ({latest.name})" if latest else "a model"
             raise TrainingError(
-                f"{self.out} already holds checkpoints ({latest.name}); pass --resume to continue that run "
-                "or choose another output_dir"
+                f"{self.out} already holds {what} of another run ({', '.join(found)}); pass --resume to continue "
+                "that run, choose another output_dir, or pass --force to delete it and start over"
             )
+        if found and self.dist.is_main:
+            log.warning("--force: deleting %s in %s", ", ".join(found), self.out)
+            shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+            for name in RUN_FILES:
+                (self.out / name).unlink(missing_ok=True)
         return None
 
     def _prepare_tokenizer(self) -> Tokenizer:
@@ -173,6 +189,17 @@ class Trainer:
         if state["model_config"] != self.model_config.to_dict():
             raise TrainingError(
                 f"{path} was trained with a different model config; resume with the config it was started with"
+            )
+        started = state["train_config"]["tokenizer"]
+        changed = [
+            f"tokenizer.{k}={started.get(k)!r}"
+            for k in TOKENIZER_KEYS
+            if started.get(k) != getattr(self.cfg.tokenizer, k)
+        ]
+        if changed:
+            raise TrainingError(
+                f"{path} was trained with other tokenizer settings ({', '.join(changed)}); resume with the "
+                "settings it was started with, or start over in another output_dir"
             )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

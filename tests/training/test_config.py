@@ -120,10 +120,13 @@ def test_bad_yaml_file(tmp_path: Path) -> None:
 
 def test_multi30k_recipe_loads(tmp_path: Path) -> None:
     cfg = load_config(RECIPE, [f"data.dir={tmp_path}"])
-    assert (cfg.data.src, cfg.data.tgt, cfg.tokenizer.vocab_size) == ("de", "en", 8000)
+    assert (cfg.data.src, cfg.data.tgt, cfg.tokenizer.vocab_size) == ("de", "en", 4000)
+    assert (cfg.tokenizer.sampling_alpha, cfg.tokenizer.sampling_nbest) == (0.1, 64)
     model = cfg.model.build(cfg.tokenizer.vocab_size)
-    assert (model.d_model, model.n_heads, model.d_ff, model.n_encoder_layers, model.dropout) == (256, 4, 1024, 3, 0.2)
-    assert (cfg.eval.beam_size, cfg.eval.length_penalty, cfg.train.average_last) == (4, 0.6, 5)
+    assert (model.d_model, model.n_heads, model.d_ff, model.n_encoder_layers, model.dropout) == (256, 4, 1024, 3, 0.3)
+    assert (cfg.eval.beam_size, cfg.eval.length_penalty, cfg.train.average_last) == (4, 0.6, 10)
+    # Training with the shipped recipe as it is must never overwrite the bundled model.
+    assert Path(cfg.output_dir).resolve() != (Path(RECIPE).parents[2] / "models" / "multi30k-de-en").resolve()
 
 
 def test_toy_overrides_load(toy_data_dir: Path, tmp_path: Path, toy_overrides) -> None:

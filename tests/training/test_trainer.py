@@ -142,6 +142,31 @@ def test_refuses_to_clobber_a_run_or_resume_nothing(toy_dir: Path, tmp_path: Pat
     assert "no checkpoint" in capsys.readouterr().err
 
 
+def test_a_finished_model_is_overwritten_only_with_force(toy_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert mt_train(toy_args(toy_dir, out, "train.max_steps=10", "train.eval_every=10")) == 0
+    shutil.rmtree(out / "checkpoints")  # a model dir as it is shipped: model.json, weights, spm.model
+    before = (out / "weights.safetensors").read_bytes()
+    assert mt_train(toy_args(toy_dir, out, "train.max_steps=10", "tokenizer.vocab_size=30")) == 2
+    err = capsys.readouterr().err
+    assert "already holds a model" in err and "--force" in err
+    assert (out / "weights.safetensors").read_bytes() == before
+    assert mt_train(toy_args(toy_dir, out, "train.max_steps=10", "tokenizer.vocab_size=30") + ["--force"]) == 0
+    # The tokenizer was trained again with the vocabulary asked for, not silently reused.
+    assert (
+        json.loads((out / "model.json").read_text())["model"]["vocab_size"] == Tokenizer(out / "spm.model").vocab_size
+    )
+    assert Tokenizer(out / "spm.model").vocab_size <= 30
+
+
+def test_a_leftover_tokenizer_with_other_settings_is_refused(toy_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert mt_train(toy_args(toy_dir, out, "train.max_steps=10")) == 0
+    assert mt_train(toy_args(toy_dir, out, "train.max_steps=20", "tokenizer.vocab_size=30") + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "was trained with other tokenizer settings (tokenizer.vocab_size=40)" in err
+
+
 @pytest.mark.parametrize(
     ("setup", "message"),
     [
