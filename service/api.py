@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from service import translate as translation
 from service.auth import CallerDep, charge_chars, require_key
+from service.langdetect import detector_for
 from service.logs import request_id_var
 from service.registry import Registry
 from service.schemas import ErrorBody, Health, ModelOut, ModelsResponse, TranslateRequest, TranslateResponse
@@ -89,7 +90,11 @@ async def _until_disconnect(request: Request) -> None:
 async def translate(
     body: TranslateRequest, request: Request, caller: CallerDep, registry: RegistryDep, settings: SettingsDep
 ) -> TranslateResponse | Response:
-    served = registry.resolve(body.source, body.target)
+    source = body.source
+    if source is not None and source.strip().lower() == "auto":  # lingua, among the served source languages
+        detector = detector_for(tuple(registry.sources))
+        source = (await asyncio.to_thread(detector.detect, "\n".join(body.texts))).language
+    served = registry.resolve(source, body.target)
     translation.check_limits(body, settings, served)
     charge_chars(request, caller, sum(len(text) for text in body.texts))
     work = asyncio.ensure_future(translation.translate(body, served, settings, request_id_var.get()))

@@ -16,19 +16,24 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException
 
 from service.api import router
 from service.auth import AccessDenied, KeyStore
 from service.batcher import BatchFailed, QueueFull, RequestTimeout, TooManySentences
 from service.engine import SentenceTooLong
+from service.langdetect import UndetectableLanguage
+from service.libretranslate import LibreError, LibreTranslateErrors
+from service.libretranslate import router as libretranslate_router
 from service.logs import request_id_var
 from service.metrics import Metrics
 from service.ratelimit import RateLimiter
 from service.registry import AmbiguousPair, UnknownPair
-from service.settings import Settings, get_settings
+from service.settings import Settings, get_settings, unknown_variables
 from service.state import NotReady, ServiceState
 from service.translate import BadOption, TooLarge
 
@@ -177,6 +182,7 @@ def add_error_handlers(app: FastAPI) -> None:
         SentenceTooLong: (413, False),
         BadOption: (422, False),
         AmbiguousPair: (422, False),
+        UndetectableLanguage: (422, False),
         UnknownPair: (404, False),
         QueueFull: (503, True),
         RequestTimeout: (503, True),
@@ -210,7 +216,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """The app; ``settings`` replaces the environment's (the ``get_settings`` dependency is overridden).
 
     Raises KeyFileError (MT_API_KEYS_FILE) or BadLimit (a rate-limit setting) when those cannot be used."""
-    app = FastAPI(
+    for name, hint in unknown_variables():
+        logger.warning("%s is not a setting and is ignored%s", name, f"; did you mean {hint}?" if hint else "")
+    app = FastAPIOffline(  # Swagger UI and ReDoc served from the package: /docs works offline
         title="Transformer translation service",
         description="Beam-search translation with ONNX Runtime and cross-request micro-batching.",
         version="0.1.0",
@@ -225,6 +233,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     max_body = current.max_items * (current.max_chars * 6 + 64) + 64 * 1024  # JSON escapes included
     app.add_middleware(RequestContext, metrics=app.state.metrics, max_body_bytes=max_body)
     add_error_handlers(app)
+    app.add_middleware(LibreTranslateErrors)  # outside RequestContext, so that its 413 is reshaped too
+    if current.cors_origins:  # browser extensions and pages on other origins (off unless MT_CORS_ORIGINS is set)
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=current.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["Retry-After", "X-Request-ID"],
+        )
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=Path(__file__).with_name("static")), name="static")  # demo page JS/CSS
+    app.include_router(libretranslate_router)
+    app.add_exception_handler(LibreError, LibreError.response)
     return app

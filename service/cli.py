@@ -19,7 +19,7 @@ from model.model_dir import ModelDirError
 from service.engine import EngineError, check_model_dir, resolve_device
 from service.logs import configure_logging
 from service.registry import describe
-from service.settings import Settings
+from service.settings import Settings, package_version, settings_help
 
 logger = logging.getLogger("service.cli")
 
@@ -29,13 +29,16 @@ GRACE_S = 5  # added to the request timeout for in-flight requests to finish on 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="mt-serve",
-        description="Serve translation models over HTTP (settings: MT_* environment variables, see the README).",
+        description="Serve translation models over HTTP (settings: MT_* environment variables, listed below).",
+        epilog=settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--model", action="append", type=Path, metavar="DIR", help="model directory (repeat for several; MT_MODELS)"
     )
     parser.add_argument("--host", help="address to listen on (MT_HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (MT_PORT, default 8000)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     return parser.parse_args(argv)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import email.utils
+import gzip
 import io
 import json
 import logging
@@ -27,6 +28,8 @@ from typing import Any, Protocol, TextIO
 
 import httpx
 from tqdm import tqdm
+
+from service.settings import package_version
 
 logger = logging.getLogger("mt-translate")
 
@@ -81,18 +84,35 @@ def error_detail(response: Any) -> str:
     return json.dumps(detail, ensure_ascii=False) if isinstance(detail, list) else str(detail or response.text[:200])
 
 
+def check_url(url: str) -> str:
+    """The server's base URL without a trailing slash; ClientError at once when it cannot be one (a missing
+    scheme would otherwise be retried as a connection error)."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as error:
+        raise ClientError(f"--server {url!r} is not a URL ({error}): give one like http://127.0.0.1:8000") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        hint = f"http://{url}" if "://" not in url else "http://127.0.0.1:8000"
+        raise ClientError(f"--server {url!r} is not an http:// or https:// URL: give one like {hint}")
+    return url.rstrip("/")
+
+
 class HttpBackend:
     """``POST /v1/translate`` with retries: ``retries`` more attempts after the first, waits doubling from
-    ``backoff_s`` (with jitter, so that many clients do not retry in step) unless the server says how long."""
+    ``backoff_s`` (with jitter, so that many clients do not retry in step) unless the server says how long.
+
+    A server that cannot be reached on the first request is reported at once (nothing listens there, or the
+    URL is wrong); once it has answered, connection errors are retried like 503s (a restart, a blip)."""
 
     def __init__(
         self, url: str, request: RequestOptions, retries: int = 6, timeout_s: float = 120.0, backoff_s: float = 0.5
     ):
-        self.url = url.rstrip("/")
+        self.url = check_url(url)
         self.request = request
         self.retries = retries
         self.backoff_s = backoff_s
         self.client = httpx.AsyncClient(base_url=self.url, timeout=timeout_s)
+        self.reached = False
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -105,7 +125,11 @@ class HttpBackend:
                 response = await self.client.post("/v1/translate", json=self.request.body(texts))
             except httpx.TransportError as error:  # connection refused or reset, timeouts
                 last = f"{type(error).__name__}: {error}"
+                if not self.reached and isinstance(error, httpx.ConnectError):
+                    where = self.url
+                    raise ClientError(f"cannot connect to {where} ({last}): is mt-serve running at {where}?") from None
             else:
+                self.reached = True
                 if response.status_code == 200:
                     return self._translations(response, len(texts))
                 last = f"HTTP {response.status_code}: {error_detail(response)}"
@@ -116,7 +140,8 @@ class HttpBackend:
             if attempt < self.retries:
                 logger.warning("%s: %s; retrying in %.1f s (%d/%d)", self.url, last, wait, attempt + 1, self.retries)
                 await asyncio.sleep(wait)
-        raise ClientError(f"{self.url}: giving up after {self.retries + 1} attempts; last error: {last}")
+        down = " (is mt-serve still running there?)" if last.startswith(("Connect", "Read", "Remote")) else ""
+        raise ClientError(f"{self.url}: giving up after {self.retries + 1} attempts; last error: {last}{down}")
 
     def _translations(self, response: httpx.Response, expected: int) -> list[dict[str, Any]]:
         try:
@@ -194,8 +219,14 @@ class LocalBackend:
 
 
 def read_lines(path: Path | None) -> list[str]:
-    """Lines split at ``\\n`` only (as ``wc -l`` counts them), a trailing ``\\r`` dropped."""
+    """Lines split at ``\\n`` only (as ``wc -l`` counts them), a trailing ``\\r`` dropped; a ``.gz`` file (or
+    gzip data on stdin) is decompressed, as mt-train reads it."""
     data = sys.stdin.buffer.read() if path is None else path.read_bytes()
+    if data[:2] == b"\x1f\x8b":  # the gzip magic number, whatever the file is called
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as error:
+            raise ClientError(f"{path or 'stdin'} looks gzipped but cannot be read ({error})") from None
     text = data.decode("utf-8")
     lines = text.split("\n")
     if lines and lines[-1] == "":
@@ -336,15 +367,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Translate text one sentence per line (stdin to stdout by default), keeping every line in "
         "order; empty lines stay empty. Through a server (--server) or a model dir in this process (--model).",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--server", metavar="URL", help="mt-serve base URL, e.g. http://127.0.0.1:8000")
     where.add_argument("--model", metavar="DIR", type=Path, help="exported model dir, translated in this process")
-    parser.add_argument("-i", "--input", metavar="FILE", type=Path, help="input text (default: stdin)")
+    parser.add_argument("-i", "--input", metavar="FILE", type=Path, help="input text, plain or .gz (default: stdin)")
     parser.add_argument("-o", "--output", metavar="FILE", type=Path, help="output (default: stdout)")
     parser.add_argument("--source", metavar="S", help="source language (needed when several models are served)")
     parser.add_argument("--target", metavar="T", help="target language (needed when several models are served)")
     parser.add_argument("--beam-size", metavar="N", type=int, default=4, help="beam width, 1 = greedy (default 4)")
-    parser.add_argument("--ref", metavar="FILE", type=Path, help="references: print BLEU and chrF on stderr")
+    parser.add_argument(
+        "--ref", metavar="FILE", type=Path, help="references (plain or .gz): print BLEU and chrF on stderr"
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object per line: source, text, score")
     parser.add_argument("--attention", action="store_true", help="with --json: add attention and word alignment")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run into -o FILE")
@@ -364,6 +398,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         ),
         "--retries must be at least 0" if args.retries < 0 else "",
     ]
+    if args.server:
+        try:
+            check_url(args.server)
+        except ClientError as error:
+            problems.append(str(error))
     for problem in filter(None, problems):
         parser.error(problem)
     return args

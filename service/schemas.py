@@ -33,7 +33,9 @@ class TranslateRequest(BaseModel):
     )
 
     text: str | list[str] = Field(description="one text, or a list of texts translated independently")
-    source: str | None = Field(None, description="source language; optional when one model is loaded")
+    source: str | None = Field(
+        None, description='source language (a BCP-47 tag, or "auto" to detect it); optional when one model is loaded'
+    )
     target: str | None = Field(None, description="target language; optional when one model is loaded")
     beam_size: int = Field(4, ge=1, le=MAX_BEAM, description="beam width; 1 is greedy decoding")
     n_best: int = Field(1, ge=1, le=MAX_BEAM, description="translations per text (alternatives after the first)")

@@ -6,8 +6,12 @@ Nothing here runs at import: the settings are built on first use by the cached d
 
 from __future__ import annotations
 
+import difflib
 import os
+import textwrap
+from collections.abc import Mapping
 from functools import lru_cache
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -89,6 +93,13 @@ class Settings(BaseSettings):
 
     # Logging.
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Browsers: origins allowed to call the API from their pages (CORS).
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="origins allowed by CORS, separated by commas (`*` = any, e.g. for browser extensions); "
+        "empty = CORS off (browsers refuse other origins' pages)",
+    )
+
     log_json: bool = Field(False, description="one JSON object per log line (with the request id)")
 
     @field_validator("models", mode="before")
@@ -101,6 +112,13 @@ class Settings(BaseSettings):
 
     @field_validator("models")
     @classmethod
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
     def _some_models(cls, value: list[Path]) -> list[Path]:
         if not value:
             raise ValueError("give at least one model directory (--model DIR or MT_MODELS)")
@@ -109,5 +127,44 @@ class Settings(BaseSettings):
 
 @lru_cache
 def get_settings() -> Settings:
+# MT_ variables that are not settings but are read elsewhere (docker/compose.yaml).
+OTHER_VARIABLES = frozenset({"MT_REPLICAS", "MT_USER_MODELS", "MT_PUBLISH_PORT"})
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
+    """``MT_`` environment variables that are no setting (a typo such as MT_MODEL is otherwise silently
+    ignored), each with the closest setting's name when there is one."""
+    environ = os.environ if environ is None else environ
+    known = [f"MT_{name.upper()}" for name in Settings.model_fields]
+    out = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if upper.startswith("MT_") and upper not in known and upper not in OTHER_VARIABLES:
+            close = difflib.get_close_matches(upper[3:], [k[3:] for k in known], n=1, cutoff=0.7)
+            out.append((name, f"MT_{close[0]}" if close else None))
+    return out
+
+
+def settings_help(width: int = 100) -> str:
+    """Every setting as ``MT_NAME (default): what it does``, for ``mt-serve --help``."""
+    lines = ["settings (environment variables; --model, --host and --port override theirs):"]
+    for name, field in Settings.model_fields.items():
+        default = field.default_factory() if field.default_factory is not None else field.default
+        if isinstance(default, list):
+            default = ",".join(str(item) for item in default)
+        head = f"  MT_{name.upper()} (default {'empty' if default in ('', None) else default})"
+        text = (field.description or "").replace("`", "")
+        lines += textwrap.wrap(f"{head}: {text}" if text else head, width, subsequent_indent="      ")
+    return "\n".join(lines)
+
+
+def package_version() -> str:
+    """The installed mt-service version (for ``--version``)."""
+    try:
+        return version("mt-service")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
     """The process's settings, read from the environment once (a FastAPI dependency; override in tests)."""
     return Settings()

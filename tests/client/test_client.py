@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import gzip
 import json
 import os
 import socket
@@ -98,9 +99,25 @@ def test_no_server_fails_clearly(tmp_path: Path, capsys: pytest.CaptureFixture[s
     with socket.socket() as s:  # a port nobody listens on once closed
         s.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{s.getsockname()[1]}"
-    code = mt_translate(["--server", url, "-i", str(write(tmp_path / "in.txt", ["w01"])), "-q", "--retries", "1"])
+    code = mt_translate(["--server", url, "-i", str(write(tmp_path / "in.txt", ["w01"])), "-q", "--retries", "6"])
     assert code == 1
-    assert f"error: {url}: giving up after 2 attempts; last error: ConnectError" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # Reported at the first refused connection, not after six retries with backoff (~30 s).
+    assert f"error: cannot connect to {url} (ConnectError: " in err
+    assert err.rstrip().endswith(f"is mt-serve running at {url}?")
+    assert "retrying" not in err
+
+
+def test_gzipped_input_and_references(server, sources, reference, tmp_path, capsys) -> None:
+    plain = write(tmp_path / "in.txt", sources[:20])
+    packed = tmp_path / "in.txt.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    out = tmp_path / "out.txt"
+    code = mt_translate(["--server", server, "-i", str(packed), "-o", str(out), "-q", "--ref", str(packed)])
+    assert code == 0
+    assert read(out) == [reference[line] for line in sources[:20]]
+    expected_bleu = sacrebleu.corpus_bleu(read(out), [sources[:20]]).score
+    assert f"BLEU = {expected_bleu:.2f}" in capsys.readouterr().err  # the references were read decompressed
 
 
 def test_refusal_is_not_retried(stand_in, tmp_path, capsys) -> None:
@@ -184,6 +201,9 @@ def test_json_with_attention(server: str, sources: list[str], tmp_path: Path) ->
         (["--server", "http://x", "--attention"], "--attention needs --json"),
         (["--server", "http://x", "--concurrency", "0"], "--concurrency must be at least 1"),
         (["--server", "http://x", "--model", "m"], "not allowed with argument"),
+        (["--server", "127.0.0.1:8000"], "is not an http:// or https:// URL: give one like http://127.0.0.1:8000"),
+        (["--server", "localhost:8000"], "is not an http:// or https:// URL: give one like http://localhost:8000"),
+        (["--server", "ftp://host"], "is not an http:// or https:// URL: give one like http://127.0.0.1:8000"),
     ],
 )
 def test_bad_arguments(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
