@@ -232,7 +232,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.limiter = RateLimiter(current)
     max_body = current.max_items * (current.max_chars * 6 + 64) + 64 * 1024  # JSON escapes included
     app.add_middleware(RequestContext, metrics=app.state.metrics, max_body_bytes=max_body)
-    add_error_handlers(app)
     app.add_middleware(LibreTranslateErrors)  # outside RequestContext, so that its 413 is reshaped too
     if current.cors_origins:  # browser extensions and pages on other origins (off unless MT_CORS_ORIGINS is set)
         app.add_middleware(
@@ -242,8 +241,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
             expose_headers=["Retry-After", "X-Request-ID"],
         )
+    add_error_handlers(app)
     app.include_router(router)
-    app.mount("/static", StaticFiles(directory=Path(__file__).with_name("static")), name="static")  # demo page JS/CSS
     app.include_router(libretranslate_router)
     app.add_exception_handler(LibreError, LibreError.response)
+    app.mount("/static", StaticFiles(directory=Path(__file__).with_name("static")), name="static")  # demo page JS/CSS
     return app

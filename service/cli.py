@@ -33,12 +33,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         epilog=settings_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     parser.add_argument(
         "--model", action="append", type=Path, metavar="DIR", help="model directory (repeat for several; MT_MODELS)"
     )
     parser.add_argument("--host", help="address to listen on (MT_HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (MT_PORT, default 8000)")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     return parser.parse_args(argv)
 
 

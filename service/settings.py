@@ -91,8 +91,6 @@ class Settings(BaseSettings):
         description="proxies whose X-Forwarded-For names the client (for per-address limits); `*` = any",
     )
 
-    # Logging.
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Browsers: origins allowed to call the API from their pages (CORS).
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -100,6 +98,8 @@ class Settings(BaseSettings):
         "empty = CORS off (browsers refuse other origins' pages)",
     )
 
+    # Logging.
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_json: bool = Field(False, description="one JSON object per log line (with the request id)")
 
     @field_validator("models", mode="before")
@@ -110,8 +110,6 @@ class Settings(BaseSettings):
             return [part.strip() for part in parts if part.strip()]
         return value
 
-    @field_validator("models")
-    @classmethod
     @field_validator("cors_origins", mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:
@@ -119,14 +117,14 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    @field_validator("models")
+    @classmethod
     def _some_models(cls, value: list[Path]) -> list[Path]:
         if not value:
             raise ValueError("give at least one model directory (--model DIR or MT_MODELS)")
         return value
 
 
-@lru_cache
-def get_settings() -> Settings:
 # MT_ variables that are not settings but are read elsewhere (docker/compose.yaml).
 OTHER_VARIABLES = frozenset({"MT_REPLICAS", "MT_USER_MODELS", "MT_PUBLISH_PORT"})
 
@@ -166,5 +164,7 @@ def package_version() -> str:
         return "unknown (not installed)"
 
 
+@lru_cache
+def get_settings() -> Settings:
     """The process's settings, read from the environment once (a FastAPI dependency; override in tests)."""
     return Settings()
