@@ -31,11 +31,12 @@ import onnxruntime as ort
 import torch
 
 from export.onnx_export import export_variant
-from export.ort_step import IoBindingStepFunction, OrtModel, session_options
-from export.signature import VARIANTS
 from model.config import preset
-from model.decode import PAPER_SEARCH, translate_ids
-from model.search import StepFunction
+from model.decode import translate_ids
+from model.decoding import PAPER
+from model.runtime import IoBindingStepFunction, OrtModel, session_options
+from model.search import FullTableStep, StepFunction
+from model.signature import VARIANTS
 from model.tokenizer import Tokenizer
 from model.torch_step import TorchStepFunction
 from model.transformer import Transformer
@@ -65,6 +66,10 @@ class FullPrefixStepFunction:
                 torch.from_numpy(self.prefix), torch.arange(step + 1), cross, self.base_mask[index], None
             )
         return log_probs[:, -1].numpy(), attn[:, -1].numpy()
+
+
+def full_prefix_step(model: Transformer, src_ids: np.ndarray, src_pad_mask: np.ndarray) -> StepFunction:
+    return FullTableStep(FullPrefixStepFunction(model, src_ids, src_pad_mask), model.config.eos_id)
 
 
 @dataclass
@@ -148,7 +153,7 @@ def implementations(
         return OrtModel.from_files(onnx_dir / enc_file, onnx_dir / dec_file, cfg, variant, providers, options)
 
     rows = [
-        ("torch-nocache", "torch, no cache", lambda: partial(FullPrefixStepFunction, model)),
+        ("torch-nocache", "torch, no cache", lambda: partial(full_prefix_step, model)),
         ("torch-cache", "torch, cache", lambda: partial(TorchStepFunction, model)),
         ("ort-fp32", "ORT fp32 CPU", lambda: ort_model("fp32", ["CPUExecutionProvider"]).step_function),
         ("ort-int8", "ORT int8 CPU", lambda: ort_model("int8", ["CPUExecutionProvider"]).step_function),
@@ -165,7 +170,7 @@ def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    search = replace(PAPER_SEARCH, beam_size=args.beam_size)
+    search = replace(PAPER, beam_size=args.beam_size)
     if args.model_dir is None:  # random weights rarely emit EOS: stop at the source length instead
         search = replace(search, max_length_offset=0)
     with tempfile.TemporaryDirectory(prefix="bench-export-") as tmp:

@@ -27,9 +27,10 @@ from pathlib import Path
 
 import httpx
 
+from model.decoding import DecodingOptions
 from model.model_dir import read_model_dir
 from model.tokenizer import Tokenizer
-from service.engine import DecodeOptions, Engine, plan_batches
+from service.engine import Engine, plan_batches
 
 
 def sentences(args: argparse.Namespace, tokenizer: Tokenizer) -> list[str]:
@@ -54,7 +55,7 @@ def percentiles(latencies: list[float]) -> tuple[float, float]:
 
 def bench_direct(args: argparse.Namespace, texts: list[str]) -> dict:
     engine = Engine.load(args.model, device=args.device, variant=args.variant, threads=args.threads)
-    options = DecodeOptions(beam_size=args.beam_size)
+    options = DecodingOptions(beam_size=args.beam_size)
     engine.translate(texts[:8], options)  # warm-up
     sources = engine.encode(texts)
     outputs, latencies = [""] * len(texts), []

@@ -1,6 +1,7 @@
 """Export a model directory to ONNX graphs with a cached incremental decoder, verified against torch.
 
-``signature`` declares the graphs; ``wrappers`` + ``onnx_export`` build them from the torch network;
-``ort_step`` runs them (onnxruntime only, no torch: the service imports it); ``validate`` checks them in
-ordered steps; ``evaluate`` translates and scores; ``manifest``, ``pipeline`` and ``cli`` make ``mt-export``.
+This package imports torch; what runs the graphs lives in ``model`` (``model.signature`` declares them,
+``model.runtime`` runs them, ``model.manifest`` reads the manifest), so the service never imports it.
+``wrappers`` + ``onnx_export`` build the graphs from the torch network; ``validate`` checks them in ordered
+steps; ``manifest`` writes the record; ``pipeline`` and ``cli`` make ``mt-export``.
 """

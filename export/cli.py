@@ -29,8 +29,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--int8", action="store_true", help="also write the int8 dynamically quantized variant (CPU)")
     parser.add_argument("--fp16", action="store_true", help="also write the fp16 variant (GPU)")
     parser.add_argument("--force", action="store_true", help="replace an existing MODEL_DIR/onnx/")
-    parser.add_argument("--valid-src", type=Path, help="validation sources (one sentence per line) for BLEU")
-    parser.add_argument("--valid-ref", type=Path, help="validation references, line-aligned with --valid-src")
+    parser.add_argument(
+        "--valid-src", type=Path, help="validation sources (one sentence per line; .gz read too) for BLEU"
+    )
+    parser.add_argument(
+        "--valid-ref", type=Path, help="validation references, line-aligned with --valid-src (.gz read too)"
+    )
     parser.add_argument(
         "--max-sentences", type=int, help="beam-parity/BLEU sentences: at most N (default: all, or 64 random ones)"
     )
@@ -64,6 +68,8 @@ def summary(manifest: dict[str, Any], onnx_dir: Path) -> str:
         )
     if evaluation["torch_bleu"] is not None:
         lines.append(f"torch BLEU {evaluation['torch_bleu']:.2f}  {evaluation['bleu_signature']}")
+    if evaluation.get("warning"):
+        lines.append(f"WARNING: {evaluation['warning']}")
     return "\n".join(lines)
 
 

@@ -1,4 +1,6 @@
-"""MODEL_DIR/onnx/manifest.json: file hashes, exporter and library versions, and the validation figures.
+"""Writing MODEL_DIR/onnx/manifest.json: hashes, exporter and library versions, validation figures.
+
+``model.manifest`` is the reading side (the service has no torch and imports only that).
 
 The manifest is the record a server reads before trusting the graphs: which variants exist, their
 sha256, and what validation measured for each (step parity, beam parity, BLEU, recommended or not).
@@ -6,26 +8,17 @@ sha256, and what validation measured for each (step parity, beam parity, BLEU, r
 
 from __future__ import annotations
 
-import hashlib
 import json
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from model.manifest import MANIFEST, sha256
 from model.model_dir import atomic_write_text
 
-MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 LIBRARIES = ("torch", "onnx", "onnxscript", "onnxruntime", "numpy")
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def library_versions() -> dict[str, str | None]:
@@ -69,16 +62,3 @@ def write_manifest(onnx_dir: Path, manifest: dict[str, Any]) -> Path:
     atomic_write_text(path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     path.chmod(0o644)  # the temporary file it was written as is private
     return path
-
-
-def read_manifest(onnx_dir: Path) -> dict[str, Any]:
-    return json.loads((onnx_dir / MANIFEST).read_text(encoding="utf-8"))
-
-
-def changed_files(onnx_dir: Path, manifest: dict[str, Any]) -> list[str]:
-    """Files listed in the manifest that are missing or whose sha256 no longer matches."""
-    return [
-        name
-        for name, entry in manifest["files"].items()
-        if not (onnx_dir / name).is_file() or sha256(onnx_dir / name) != entry["sha256"]
-    ]

@@ -22,22 +22,24 @@ import logging
 import warnings
 from pathlib import Path
 
+import onnxscript.optimizer
 import torch
 from torch import Tensor, nn
 from torch.export import Dim
 
-from export.signature import VARIANTS, GraphSignature, decoder_signature, encoder_signature
 from export.wrappers import DecoderStepGraph, EncoderGraph
+from model.signature import VARIANTS, GraphSignature, decoder_signature, encoder_signature
 from model.transformer import Transformer
 
 logger = logging.getLogger(__name__)
 
 OPSET = 18
 EXPORTER = "torch.onnx.export(dynamo=True)"
+FOLD_LIMIT = 1 << 28  # elements: constant-fold weight concatenations of any model size
 
 # Sizes of the tracing example: each at least 2 and all different, so torch.export neither specializes
 # an axis to 0/1 nor merges two axes that happen to be equal. Validation runs at other sizes.
-EXAMPLE_SIZES = {"batch": 3, "src_len": 7, "rows": 6, "prev_rows": 4, "past_len": 5}
+EXAMPLE_SIZES = {"batch": 3, "src_len": 7, "rows": 6, "past_len": 5, "k": 9}
 
 
 class ExportError(RuntimeError):
@@ -51,10 +53,10 @@ def example_inputs(signature: GraphSignature, model: Transformer, dtype: torch.d
     out: list[Tensor] = []
     for spec in signature.inputs:
         shape = tuple(EXAMPLE_SIZES[a] if isinstance(a, str) else a for a in spec.axes)
-        if spec.name == "step":
-            out.append(torch.tensor([EXAMPLE_SIZES["past_len"]], dtype=torch.int64))
-        elif spec.name == "reorder":
-            out.append(torch.randint(0, EXAMPLE_SIZES["prev_rows"], shape, generator=gen))
+        if spec.name == "positions":
+            out.append(torch.full(shape, EXAMPLE_SIZES["past_len"], dtype=torch.int64))
+        elif spec.name == "top_k":
+            out.append(torch.zeros(shape, dtype=torch.int64))
         elif spec.dtype == "int64":
             out.append(torch.randint(4, vocab, shape, generator=gen))
         elif spec.dtype == "bool":
@@ -100,6 +102,10 @@ def export_graph(module: nn.Module, signature: GraphSignature, args: tuple[Tenso
             )
     except Exception as error:  # the exporter raises many types; name the graph and re-raise as one
         raise ExportError(f"torch.onnx.export failed for the {signature.name} graph: {error}") from error
+    # The network concatenates weights for its fused projections (q/k/v, every layer's cross k/v); fold those
+    # Concat nodes into single initializers, so the file holds one weight per MatMul and int8 quantization
+    # (which quantizes initializer weights only) reaches them. The default limits stop at small tensors.
+    onnxscript.optimizer.fold_constants(program.model, input_size_limit=FOLD_LIMIT, output_size_limit=FOLD_LIMIT)
     program.save(str(path), external_data=False)
     return path
 

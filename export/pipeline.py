@@ -7,6 +7,7 @@ untouched and a new one never half-written.
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
 import shutil
@@ -22,8 +23,6 @@ import onnxruntime as ort
 
 from export.manifest import build_manifest, write_manifest
 from export.onnx_export import EXPORTER, OPSET, export_variant
-from export.ort_step import OrtModel
-from export.signature import VARIANTS
 from export.validate import (
     MIN_IDENTICAL,
     BeamParity,
@@ -35,9 +34,11 @@ from export.validate import (
     step_parity,
 )
 from model.config import ModelConfig
-from model.decode import PAPER_SEARCH, score_translations, translate_ids
+from model.decode import score_translations, translate_ids
+from model.decoding import PAPER, DecodingOptions
 from model.model_dir import ModelDirError, read_model_dir
-from model.search import SearchConfig
+from model.runtime import OrtModel
+from model.signature import VARIANTS
 from model.tokenizer import Tokenizer
 from model.torch_step import TorchStepFunction
 from model.transformer import Transformer
@@ -46,10 +47,16 @@ from model.weights import load_model
 logger = logging.getLogger(__name__)
 
 MAX_BLEU_LOSS = 0.5  # a variant that loses more BLEU than this against fp32 is not recommended
+# fp32 BLEU below this means the model translates nothing: no variant is recommended for it, and it says so.
+MIN_USEFUL_BLEU = 1.0
 INTENDED_FOR = {"fp32": "CPU or CUDA", "int8": "CPUExecutionProvider", "fp16": "CUDAExecutionProvider"}
 
 
 def read_lines(path: Path) -> list[str]:
+    """Lines of a plain or gzip-compressed (``.gz``) UTF-8 text file."""
+    if path.suffix == ".gz":
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            return f.read().splitlines()
     return path.read_text(encoding="utf-8").splitlines()
 
 
@@ -71,7 +78,7 @@ class ExportRequest:
     max_sentences: int | None = None  # cap on validation sentences (all when None)
     random_sentences: int = 64  # beam-parity sources when no validation set is given
     batch_size: int = 32
-    search: SearchConfig = PAPER_SEARCH
+    search: DecodingOptions = PAPER
 
 
 def _check_request(request: ExportRequest, target: Path) -> None:
@@ -119,6 +126,8 @@ def _recommendation(variant: str, bleu: float | None, fp32_bleu: float | None) -
         return True, "reference variant"
     if bleu is None or fp32_bleu is None:
         return False, "BLEU not measured: run with --valid-src and --valid-ref to qualify this variant"
+    if fp32_bleu < MIN_USEFUL_BLEU:
+        return False, f"fp32 BLEU {fp32_bleu:.2f} is below {MIN_USEFUL_BLEU}: the model is not useful yet"
     loss = fp32_bleu - bleu
     if loss > MAX_BLEU_LOSS:
         return False, f"loses {loss:.2f} BLEU against fp32 (more than {MAX_BLEU_LOSS})"
@@ -222,7 +231,20 @@ def _measure(
     return Measurements(parity, beams, bleu, signature, description, len(sources), providers, tokenizer.decode)
 
 
+def useless_model_warning(bleu: float | None) -> str | None:
+    """The warning for a model whose validation BLEU says it does not translate (None when BLEU is fine)."""
+    if bleu is None or bleu >= MIN_USEFUL_BLEU:
+        return None
+    return (
+        f"validation BLEU of fp32 is {bleu:.2f} (below {MIN_USEFUL_BLEU}): this model does not translate yet; "
+        "train longer or check the data before serving it"
+    )
+
+
 def _write_manifest(work: Path, model_name: str, request: ExportRequest, m: Measurements) -> dict[str, Any]:
+    warning = useless_model_warning(m.bleu["fp32"])
+    if warning:
+        logger.warning(warning)
     entries = {}
     for variant in m.parity:
         recommended, reason = _recommendation(variant, m.bleu[variant], m.bleu["fp32"])
@@ -244,6 +266,7 @@ def _write_manifest(work: Path, model_name: str, request: ExportRequest, m: Meas
         "torch_bleu": m.bleu["torch"],
         "bleu_signature": m.bleu_signature,
         "beam_parity_required": f"fp32 identical to torch on at least {MIN_IDENTICAL:.1%} of sentences",
+        "warning": warning,
     }
     manifest = build_manifest(
         work, model_name=model_name, exporter=EXPORTER, opset=OPSET, variants=entries, evaluation=evaluation

@@ -1,7 +1,7 @@
 """Validation of exported graphs in ordered steps, each failing with its own error class.
 
 1. Graph: ``onnx.checker`` passes (:class:`GraphCheckError`); input/output names and dtypes are the ones
-   ``export.signature`` declares (:class:`SignatureError`); every declared dynamic axis is symbolic and
+   ``model.signature`` declares (:class:`SignatureError`); every declared dynamic axis is symbolic and
    carries its declared name, not a number fixed at export (:class:`DynamicAxesError`).
 2. Step parity: the ONNX step function against the torch one, driven through the same scripted steps
    (beam expansion, reordering, a finished sentence dropped) at shapes other than the export example;
@@ -23,9 +23,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from export.signature import VARIANTS, GraphSignature, TensorSpec, decoder_signature, encoder_signature
 from model.config import BOS_ID, ModelConfig
 from model.decode import StepFactory
+from model.signature import VARIANTS, GraphSignature, TensorSpec, decoder_signature, encoder_signature
 from model.tokenizer import pad_sources
 
 # Shapes (batch, source length incl. EOS, past length) of the parity table: none is the export example's.
@@ -33,6 +33,7 @@ PARITY_SHAPES: tuple[tuple[int, int, int], ...] = tuple((b, s, p) for b in (1, 5
 # Max abs difference of log-probs allowed per variant. fp16 rounds activations to 11 significant bits;
 # int8 quantizes every weight matrix, so its figure is a sanity bound and BLEU is its real measure.
 TOLERANCES = {"fp32": 1e-4, "fp16": 5e-2, "int8": 0.5}
+PARITY_K = 8  # candidates per row compared by step parity (beam 4's 2K)
 MIN_IDENTICAL = 0.995  # share of sentences whose ONNX beam search must equal torch's (fp32)
 
 _ONNX_DTYPES = {
@@ -52,7 +53,7 @@ class GraphCheckError(ValidationError):
 
 
 class SignatureError(ValidationError):
-    """Step 1: input/output names, dtypes or fixed sizes differ from ``export.signature``."""
+    """Step 1: input/output names, dtypes or fixed sizes differ from ``model.signature``."""
 
 
 class DynamicAxesError(ValidationError):
@@ -199,12 +200,17 @@ def step_parity(
         ref_fn, cand_fn = reference(src_ids, src_mask), candidate(src_ids, src_mask)
         lp_diff = attn_diff = 0.0
         for step, (tokens, reorder) in enumerate(calls):
-            ref_lp, ref_attn = ref_fn(tokens, step, reorder)
-            cand_lp, cand_attn = cand_fn(tokens, step, reorder)
-            lp_diff = max(lp_diff, float(np.abs(ref_lp - cand_lp.astype(np.float32)).max()))
-            attn_diff = max(attn_diff, float(np.abs(ref_attn - cand_attn.astype(np.float32)).max()))
+            ref, cand = ref_fn(tokens, step, reorder, PARITY_K), cand_fn(tokens, step, reorder, PARITY_K)
+            # The k best log-probs of each row, rank by rank, and the EOS log-prob (the candidates' ids agree
+            # too wherever no two are within the difference: beam parity checks the tokens).
+            lp_diff = max(lp_diff, _max_diff(ref.scores, cand.scores), _max_diff(ref.eos_log_probs, cand.eos_log_probs))
+            attn_diff = max(attn_diff, _max_diff(ref.cross_attn, cand.cross_attn))
         cases.append(ParityCase(batch, src_len, past_len, lp_diff, attn_diff))
     return StepParity(variant, TOLERANCES[variant], tuple(cases))
+
+
+def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max())
 
 
 def check_step_parity(parity: StepParity) -> None:

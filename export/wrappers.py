@@ -1,15 +1,16 @@
 """nn.Module wrappers that present the Transformer's encoder and decoder step as flat-tensor graphs for export.
 
 The network's cache is a tuple of per-layer (K, V) pairs; ONNX graphs take and return flat tensor lists.
-These wrappers only flatten and unflatten, in the order that ``export.signature`` declares
+These wrappers only flatten and unflatten, in the order that ``model.signature`` declares
 (``key_0, value_0, key_1, ...``), so the exported graphs compute exactly what ``Transformer`` computes.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
-from model.transformer import KV, Transformer, reorder_cache
+from model.transformer import KV, Transformer, best_candidates
 
 
 def flatten_kv(pairs: tuple[KV, ...]) -> tuple[Tensor, ...]:
@@ -33,11 +34,15 @@ class EncoderGraph(nn.Module):
 
 
 class DecoderStepGraph(nn.Module):
-    """One decoder step with the beam reorder applied to the past inside the graph.
+    """One decoder step that returns each row's best candidates, not the vocabulary-wide table.
 
-    Inputs: tokens (N, 1), step (1,), reorder (N,), src_pad_mask (N, S), then the past K/V of every layer
-    (P_rows, H, T, Dh) and the cross K/V of every layer (N, H, S, Dh).
-    Outputs: log_probs (N, V) float32, cross_attn (N, S) float32, present K/V of every layer (N, H, T+1, Dh).
+    Inputs: tokens (N, 1), positions (N, 1) (each row's own decoding position), top_k (k,) (only its length
+    is read: the number of candidates per row), src_pad_mask (N, S), self_pad_mask (N, P) (True at cache
+    slots the row must not see: a padded cache shared by rows of different lengths), then the past K/V of
+    every layer (N, H, P, Dh) and the cross K/V of every layer (N, H, S, Dh). The caller reorders the past
+    (beam search) before the call, and only when the order changes.
+    Outputs: scores (N, k) and ids (N, k) (log-softmax top-k, best first), eos_log_probs (N,),
+    cross_attn (N, S) float32, present K/V of every layer (N, H, P+1, Dh).
     """
 
     def __init__(self, model: Transformer) -> None:
@@ -46,10 +51,19 @@ class DecoderStepGraph(nn.Module):
         self.n_layers = model.config.n_decoder_layers
 
     def forward(
-        self, tokens: Tensor, step: Tensor, reorder: Tensor, src_pad_mask: Tensor, *caches: Tensor
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        top_k: Tensor,
+        src_pad_mask: Tensor,
+        self_pad_mask: Tensor,
+        *caches: Tensor,
     ) -> tuple[Tensor, ...]:
-        past = reorder_cache(pair_kv(caches[: 2 * self.n_layers]), reorder)  # (N, H, T, Dh) each
+        past = pair_kv(caches[: 2 * self.n_layers])  # (N, H, P, Dh) each
         cross = pair_kv(caches[2 * self.n_layers :])
-        log_probs, present, attn = self.model.decode_step(tokens, step, cross, src_pad_mask, past)
+        own = torch.zeros_like(tokens, dtype=torch.bool)  # (N, 1): the new token's own slot is always visible
+        self_mask = torch.cat([self_pad_mask, own], dim=1)  # (N, P+1)
+        log_probs, present, attn = self.model.decode_step(tokens, positions, cross, src_pad_mask, past, self_mask)
         # log_probs are float32 already (the network upcasts before log-softmax); so is the attention here.
-        return (log_probs[:, 0], attn[:, 0].float(), *flatten_kv(present))
+        scores, ids, eos = best_candidates(log_probs[:, 0], top_k.shape[0], self.model.config.eos_id)
+        return (scores, ids, eos, attn[:, 0].float(), *flatten_kv(present))

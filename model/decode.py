@@ -13,16 +13,16 @@ from typing import Any
 import numpy as np
 
 from model.config import ModelConfig
-from model.search import Hypothesis, SearchConfig, StepFunction, beam_search
+from model.decoding import PAPER, DecodingOptions
+from model.search import Hypothesis, StepFunction, beam_search
 from model.tokenizer import pad_sources
 
 # (src_ids (B, S), src_pad_mask (B, S)) → a step function holding that batch's encoder output and cache
 StepFactory = Callable[[np.ndarray, np.ndarray], StepFunction]
-PAPER_SEARCH = SearchConfig()  # beam 4, α 0.6, max length = source + 50
 
 
 def search_batch(
-    step_fn: StepFunction, src_lengths: Sequence[int], config: ModelConfig, search: SearchConfig
+    step_fn: StepFunction, src_lengths: Sequence[int], config: ModelConfig, search: DecodingOptions
 ) -> list[list[Hypothesis]]:
     """Beam search with the network's special ids and position limit (``src_lengths`` without EOS)."""
     return beam_search(
@@ -40,7 +40,7 @@ def translate_ids(
     make_step: StepFactory,
     sources: Sequence[list[int]],
     config: ModelConfig,
-    search: SearchConfig = PAPER_SEARCH,
+    search: DecodingOptions = PAPER,
     batch_size: int = 32,
 ) -> list[list[int]]:
     """The best hypothesis of each source, in input order; batches are formed from length-sorted sources.

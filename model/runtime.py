@@ -1,12 +1,12 @@
 """onnxruntime sessions of an exported model and the step functions that ``model.search`` drives (no torch).
 
-- :class:`OrtModel` holds one variant's encoder and decoder sessions, checked against ``export.signature``.
+- :class:`OrtModel` holds one variant's encoder and decoder sessions, checked against ``model.signature``.
 - :class:`OrtStepFunction` implements the search's step-function contract on host (numpy) buffers: each
-  step feeds the previous step's present K/V back as the past, with the search's reorder index, which the
-  decoder graph applies itself. The cross-attention K/V are gathered on the host only when the rows'
-  sentences change (expansion to beams, finished sentences dropped), not on every step.
+  step feeds the previous step's present K/V back as the past, gathered with the search's reorder index
+  unless it is the identity. The cross-attention K/V are gathered only when the rows' sentences change
+  (expansion to beams, finished sentences dropped), not on every step.
 - :class:`IoBindingStepFunction` is the same with every K/V tensor kept on the session's device (CUDA)
-  between steps through IO binding; only tokens, indices and the mask go in, log-probs and attention out.
+  between steps through IO binding; only tokens, positions and masks go in, candidates and attention out.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from export.signature import VARIANTS, GraphSignature, decoder_signature, encoder_signature, kv_names
 from model.config import ModelConfig
 from model.model_dir import read_model_dir
+from model.search import StepOutput, is_identity
+from model.signature import VARIANTS, GraphSignature, decoder_signature, encoder_signature, kv_names
 
 CPU = ("CPUExecutionProvider",)
 OPTIMIZATION_LEVELS = {
@@ -138,7 +139,7 @@ class OrtModel:
         return [np.zeros(shape, dtype=self.cache_dtype) for _ in self.past_names]
 
     def gather_session(self) -> ort.InferenceSession:
-        """A Gather graph on the decoder's provider, to reorder cross K/V where they live (on the device)."""
+        """A Gather graph on the decoder's provider, to reorder K/V where they live (on the device)."""
         if self._gather_session is None:
             providers = self.decoder.get_providers()
             provider_options = [self.decoder.get_provider_options()[p] for p in providers]
@@ -148,7 +149,12 @@ class OrtModel:
 
 
 class OrtStepFunction:
-    """Step function over host buffers: ``(tokens (N,), step, reorder (N,) | None) → (log_probs, cross_attn)``."""
+    """Step function over host buffers: ``(tokens (N,), step, reorder (N,) | None, k) → StepOutput``.
+
+    The past K/V are gathered with ``reorder`` on the host, and not at all when it is the identity (greedy
+    search, beams that keep their places); the graph appends the new K/V (present = past + 1 slot). The
+    self-attention padding mask (N, P) is all False here: every row of a static batch is at the same step.
+    """
 
     def __init__(self, model: OrtModel, src_ids: np.ndarray, src_pad_mask: np.ndarray) -> None:
         self.model = model
@@ -159,18 +165,25 @@ class OrtStepFunction:
         self.mask = self.base_mask
         self.past = self._empty_past(self.base_mask.shape[0])
 
-    def __call__(self, tokens: np.ndarray, step: int, reorder: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, tokens: np.ndarray, step: int, reorder: np.ndarray | None, k: int) -> StepOutput:
         tokens = np.asarray(tokens, dtype=np.int64)
-        if reorder is None:  # first step: every row continues itself (from an empty past)
-            reorder = np.arange(tokens.shape[0], dtype=np.int64)
-        else:
+        if reorder is not None and not is_identity(reorder, len(self.row_sentence)):
             reorder = np.asarray(reorder, dtype=np.int64)
+            self.past = self._gather(self.past, reorder)
             row_sentence = self.row_sentence[reorder]
             if not np.array_equal(row_sentence, self.row_sentence):  # expansion or finished sentences
-                self.cross = self._gather_cross(row_sentence)
+                self.cross = self._gather(self.base_cross, row_sentence)
                 self.mask = self.base_mask[row_sentence]
                 self.row_sentence = row_sentence
-        return self._run(tokens[:, None], np.array([step], dtype=np.int64), reorder)
+        n_rows = tokens.shape[0]
+        feeds = {
+            "tokens": tokens[:, None],  # (N, 1)
+            "positions": np.full((n_rows, 1), step, dtype=np.int64),  # (N, 1)
+            "top_k": np.zeros(min(k, self.model.config.vocab_size), dtype=np.int64),  # (k,)
+            "src_pad_mask": self.mask,  # (N, S)
+            "self_pad_mask": np.zeros((n_rows, step), dtype=bool),  # (N, P)
+        }
+        return self._run(feeds)
 
     def _encode(self, src_ids: np.ndarray) -> list:
         return self.model.encode(src_ids, self.base_mask)
@@ -178,29 +191,23 @@ class OrtStepFunction:
     def _empty_past(self, n_rows: int) -> list:
         return self.model.empty_cache(n_rows)
 
-    def _gather_cross(self, row_sentence: np.ndarray) -> list:
-        return [np.take(kv, row_sentence, axis=0) for kv in self.base_cross]
+    def _gather(self, values: list, index: np.ndarray) -> list:
+        return [np.take(kv, index, axis=0) for kv in values]
 
-    def _run(self, tokens: np.ndarray, step: np.ndarray, reorder: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        feeds = {
-            "tokens": tokens,  # (N, 1)
-            "step": step,  # (1,)
-            "reorder": reorder,  # (N,)
-            "src_pad_mask": self.mask,  # (N, S)
-            **dict(zip(self.model.past_names, self.past, strict=True)),
-            **dict(zip(self.model.cross_names, self.cross, strict=True)),
-        }
-        log_probs, cross_attn, *self.past = self.model.decoder.run(None, feeds)
-        return log_probs, cross_attn
+    def _run(self, feeds: dict[str, np.ndarray]) -> StepOutput:
+        feeds.update(zip(self.model.past_names, self.past, strict=True))
+        feeds.update(zip(self.model.cross_names, self.cross, strict=True))
+        scores, ids, eos, cross_attn, *self.past = self.model.decoder.run(None, feeds)
+        return StepOutput(scores, ids, eos, cross_attn)
 
 
 class IoBindingStepFunction(OrtStepFunction):
     """The same contract with every K/V tensor on the device: present K/V are bound as the next past.
 
     ``device`` is onnxruntime's device name for the sessions' provider ("cuda"; "cpu" works too, for
-    tests). The cross K/V are computed once on the device and re-gathered there (a small Gather graph)
-    when the rows' sentences change. Per step only tokens, step, reorder and mask are copied in (bytes
-    per row) and log-probs and attention copied out, as the search needs them on the host.
+    tests). The cross K/V are computed once on the device; past and cross K/V are re-gathered there (a
+    small Gather graph) when the rows change. Per step only tokens, positions and masks are copied in
+    (bytes per row) and the candidates and attention copied out, as the search needs them on the host.
     """
 
     def __init__(
@@ -222,30 +229,31 @@ class IoBindingStepFunction(OrtStepFunction):
         empty = self.model.empty_cache(n_rows)
         return [ort.OrtValue.ortvalue_from_numpy(e, self.device, self.device_id) for e in empty]
 
-    def _gather_cross(self, row_sentence: np.ndarray) -> list:
+    def _gather(self, values: list, index: np.ndarray) -> list:
         session = self.model.gather_session()
         binding = session.io_binding()
-        binding.bind_cpu_input("index", row_sentence.astype(np.int64))
-        for i, value in enumerate(self.base_cross):
+        binding.bind_cpu_input("index", index.astype(np.int64))
+        for i, value in enumerate(values):
             binding.bind_ortvalue_input(f"x{i}", value)
             binding.bind_output(f"y{i}", self.device, self.device_id)
         session.run_with_iobinding(binding)
         return binding.get_outputs()
 
-    def _run(self, tokens: np.ndarray, step: np.ndarray, reorder: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _run(self, feeds: dict[str, np.ndarray]) -> StepOutput:
         decoder = self.model.decoder
         binding = decoder.io_binding()
-        for name, array in (("tokens", tokens), ("step", step), ("reorder", reorder), ("src_pad_mask", self.mask)):
+        for name, array in feeds.items():
             binding.bind_cpu_input(name, array)
         for name, value in zip(self.model.past_names + self.model.cross_names, self.past + self.cross, strict=True):
             binding.bind_ortvalue_input(name, value)
-        binding.bind_output("log_probs", "cpu")
-        binding.bind_output("cross_attn", "cpu")
-        for name in self.model.decoder_signature.output_names[2:]:
+        outputs = self.model.decoder_signature.output_names
+        for name in outputs[:4]:
+            binding.bind_output(name, "cpu")
+        for name in outputs[4:]:
             binding.bind_output(name, self.device, self.device_id)
         decoder.run_with_iobinding(binding)
-        log_probs, cross_attn, *self.past = binding.get_outputs()
-        return log_probs.numpy(), cross_attn.numpy()
+        scores, ids, eos, cross_attn, *self.past = binding.get_outputs()
+        return StepOutput(scores.numpy(), ids.numpy(), eos.numpy(), cross_attn.numpy())
 
 
 def _gather_graph(n_tensors: int, dtype: np.dtype) -> bytes:

@@ -9,8 +9,13 @@ function). The network is reached only through :class:`StepFunction`:
 - ``reorder`` (N,) int64 on later calls: for each row, the row of the *previous* call whose decoder
   state it continues. This one gather does beam reordering, the expansion from one row per sentence to
   the beams, and the dropping of finished sentences (their rows simply do not appear).
-- It returns ``log_probs`` (N, V) float32 (log-softmax over the vocabulary) and ``cross_attn`` (N, S)
-  float32 or None: each row's attention over the S source positions when predicting the next token.
+- ``k``: how many candidates each row returns. It returns a :class:`StepOutput`: each row's ``k`` best
+  tokens over the whole vocabulary (``scores`` (N, k) float32 log-probs and ``ids`` (N, k) int64, best
+  first, equal scores in token-id order), each row's EOS log prob ``eos_log_probs`` (N,), and
+  ``cross_attn`` (N, S) float32 or None: each row's attention over the S source positions.
+  The search asks for 2K candidates plus one per banned token (BOS, PAD, EOS before ``min_length``):
+  a sentence's 2K best extensions are among its rows' 2K best each, so nothing vocabulary-wide crosses
+  the step boundary. :class:`FullTableStep` adapts a step function that returns the whole log-prob table.
 
 Rows are laid out sentence by sentence (input order), best beam first. Per step and per sentence the
 top 2K candidates (K = beam size) by cumulative log prob are taken, ties going to the lower row, then
@@ -23,82 +28,74 @@ path, ending as soon as the argmax is EOS.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple, Protocol
 
 import numpy as np
 
+from model.decoding import PAPER, DecodingOptions
+
 NEG_INF = -np.inf
+
+
+class StepOutput(NamedTuple):
+    """What a step returns per row: its ``k`` best candidates, its EOS log prob, its cross-attention."""
+
+    scores: np.ndarray  # (N, k) float32 log-probs, best first
+    ids: np.ndarray  # (N, k) int64 token ids
+    eos_log_probs: np.ndarray  # (N,) float32
+    cross_attn: np.ndarray | None  # (N, S) float32
 
 
 class StepFunction(Protocol):
     """One decoder step over the live rows; see the module docstring for the contract."""
 
-    def __call__(
-        self, tokens: np.ndarray, step: int, reorder: np.ndarray | None
-    ) -> tuple[np.ndarray, np.ndarray | None]: ...
+    def __call__(self, tokens: np.ndarray, step: int, reorder: np.ndarray | None, k: int) -> StepOutput: ...
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+def is_identity(reorder: np.ndarray, previous_rows: int) -> bool:
+    """Whether ``reorder`` keeps every previous row where it was (a step function may then skip the gather)."""
+    return len(reorder) == previous_rows and bool((reorder == np.arange(previous_rows)).all())
 
 
-@dataclass(frozen=True)
-class SearchConfig:
-    """Decoding settings; the defaults are the paper's (beam 4, α = 0.6, max length = source + 50)."""
+def top_k_rows(log_probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ``k`` largest entries of ``log_probs`` (N, V), best first, equal values in index order."""
+    k = min(k, log_probs.shape[1])
+    part = np.argpartition(-log_probs, k - 1, axis=1)[:, :k] if k < log_probs.shape[1] else None
+    candidates = np.broadcast_to(np.arange(log_probs.shape[1]), log_probs.shape) if part is None else part
+    values = np.take_along_axis(log_probs, candidates, axis=1)
+    order = np.lexsort((candidates, -values), axis=1)  # best first, then the lower id
+    ids = np.take_along_axis(candidates, order, axis=1)
+    return np.take_along_axis(values, order, axis=1), ids.astype(np.int64)
 
-    beam_size: int = 4
-    n_best: int = 1  # hypotheses returned per sentence, at most beam_size
-    length_penalty: float = 0.6  # GNMT α: lp(Y) = ((5 + |Y|) / 6) ** α, |Y| counting the final EOS
-    max_length_offset: int = 50  # a sentence's max output length is its source length + this
-    max_length: int | None = None  # if set, the max output length of every sentence (replaces the above)
-    min_length: int = 0  # EOS is forbidden until this many tokens were generated
-    return_attention: bool = False
 
-    def __post_init__(self) -> None:
-        problems = self.problems()
-        if problems:
-            raise ValueError("invalid search config: " + "; ".join(problems))
+TableFunction = Callable[[np.ndarray, int, np.ndarray | None], tuple[np.ndarray, np.ndarray | None]]
 
-    def problems(self) -> list[str]:
-        """Every problem with this config at once, each saying what to change."""
-        out: list[str] = []
-        if not _is_int(self.beam_size) or self.beam_size < 1:
-            out.append(f"beam_size must be an integer >= 1, got {self.beam_size!r}")
-        if not _is_int(self.n_best) or self.n_best < 1:
-            out.append(f"n_best must be an integer >= 1, got {self.n_best!r}")
-        elif _is_int(self.beam_size) and self.n_best > self.beam_size:
-            out.append(f"n_best ({self.n_best}) must not exceed beam_size ({self.beam_size})")
-        if isinstance(self.length_penalty, bool) or not isinstance(self.length_penalty, (int, float)):
-            out.append(f"length_penalty must be a number, got {self.length_penalty!r}")
-        elif not math.isfinite(self.length_penalty):
-            out.append(f"length_penalty must be finite, got {self.length_penalty!r}")
-        if not _is_int(self.max_length_offset) or self.max_length_offset < 0:
-            out.append(f"max_length_offset must be an integer >= 0, got {self.max_length_offset!r}")
-        if self.max_length is not None and (not _is_int(self.max_length) or self.max_length < 1):
-            out.append(f"max_length must be None or an integer >= 1, got {self.max_length!r}")
-        if not _is_int(self.min_length) or self.min_length < 0:
-            out.append(f"min_length must be an integer >= 0, got {self.min_length!r}")
-        elif _is_int(self.max_length) and self.min_length > self.max_length:
-            out.append(f"min_length ({self.min_length}) must not exceed max_length ({self.max_length})")
-        if not isinstance(self.return_attention, bool):
-            out.append(f"return_attention must be a bool, got {self.return_attention!r}")
-        return out
 
-    def penalty(self, length: int | np.ndarray) -> float | np.ndarray:
-        """The GNMT length penalty lp(|Y|) = ((5 + |Y|) / 6) ** α."""
-        return ((5.0 + np.asarray(length, dtype=np.float64)) / 6.0) ** self.length_penalty
+class FullTableStep:
+    """Adapts ``fn(tokens, step, reorder) → (log_probs (N, V), cross_attn)`` to the candidate contract.
 
-    def max_lengths(self, src_lengths: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Each sentence's max output length (tokens before EOS): ``max_length`` or source + offset."""
-        lengths = np.asarray(src_lengths)
-        if lengths.ndim != 1 or (lengths.size and lengths.dtype.kind not in "iu") or (lengths < 0).any():
-            raise ValueError(f"src_lengths must be a 1-D sequence of integers >= 0, got {src_lengths!r}")
-        if self.max_length is not None:
-            return np.full(lengths.shape, self.max_length, dtype=np.int64)
-        return lengths.astype(np.int64) + self.max_length_offset
+    For step functions that compute the whole table anyway (scripted tests, a reference without cache).
+    Equal log-probs straddling the k-th place may be cut differently than a graph's TopK would; the
+    search's result does not depend on which, unless two hypotheses tie exactly.
+    """
+
+    def __init__(self, fn: TableFunction, eos_id: int) -> None:
+        self.fn, self.eos_id = fn, eos_id
+
+    def __call__(self, tokens: np.ndarray, step: int, reorder: np.ndarray | None, k: int) -> StepOutput:
+        log_probs, cross_attn = self.fn(tokens, step, reorder)
+        log_probs = np.asarray(log_probs)
+        if log_probs.ndim != 2 or log_probs.shape[0] != len(tokens) or log_probs.shape[1] <= self.eos_id:
+            raise ValueError(
+                f"step function returned log_probs of shape {log_probs.shape}; expected ({len(tokens)}, V) "
+                f"with V > eos_id ({self.eos_id})"
+            )
+        if np.isnan(log_probs).any():
+            raise ValueError("step function returned NaN log probs")
+        scores, ids = top_k_rows(log_probs, k)
+        return StepOutput(scores, ids, log_probs[:, self.eos_id], cross_attn)
 
 
 @dataclass(frozen=True)
@@ -170,65 +167,23 @@ class _Candidates(NamedTuple):
     log_prob: np.ndarray  # cumulative log prob
 
 
-def _sentence_grid(scores: np.ndarray, row_pos: np.ndarray, n_live: int) -> tuple[np.ndarray, np.ndarray]:
-    """Lay ``scores`` (N, V), rows grouped by sentence, out as (n_live, R * V), with each sentence's first row.
-
-    With the same number R of rows in every sentence (the usual case) this is a reshape, no copy;
-    otherwise the missing rows are padded with -inf.
-    """
-    n_rows, vocab = scores.shape
-    counts = np.bincount(row_pos, minlength=n_live)  # live rows per sentence
-    starts = np.cumsum(counts) - counts
-    width = int(counts.max())
-    if (counts == width).all():
-        return scores.reshape(n_live, width * vocab), starts
-    grid = np.full((n_live, width, vocab), NEG_INF, dtype=scores.dtype)
-    grid[row_pos, np.arange(n_rows) - starts[row_pos]] = scores
-    return grid.reshape(n_live, width * vocab), starts
-
-
-def _kth_best_lower_bound(grid: np.ndarray, k: int) -> np.ndarray:
-    """A value at or below the k-th largest entry of each row of ``grid`` (NaN if the row has NaN).
-
-    Partitioning a whole (n, R * V) grid is the cost of a search step, so the partition runs over the
-    maxima of groups of up to 32 entries instead: k of those maxima are k real entries, so their k-th
-    largest is a lower bound, and an exact one unless two of the top k share a group.
-    """
-    n, width = grid.shape
-    if k >= width:
-        return np.full(n, np.nan if np.isnan(grid).any() else NEG_INF, dtype=grid.dtype)
-    fold = max(1, min(32, width // (4 * k)))
-    if fold > 1:
-        body = width - width % fold
-        folded = grid[:, :body].reshape(n, fold, body // fold).max(axis=1)  # NaN propagates
-        grid = np.concatenate([folded, grid[:, body:]], axis=1)
-    return np.partition(grid, grid.shape[1] - k, axis=1)[:, -k:].min(axis=1)  # NaN sorts last
-
-
 def _top_candidates(
-    row_log_prob: np.ndarray, log_probs: np.ndarray, row_pos: np.ndarray, n_live: int, k: int, ban: list[int]
+    row_log_prob: np.ndarray, out: StepOutput, row_pos: np.ndarray, k: int, ban: list[int]
 ) -> _Candidates:
-    """Up to ``k`` best finite candidates per sentence: row ``row_log_prob`` (N,) plus ``log_probs`` (N, V).
+    """Up to ``k`` best finite candidates per sentence from the rows' own best (``out.scores``/``out.ids``).
 
-    Vectorised over all sentences: everything at or above a cheap lower bound of each sentence's k-th best
-    score is sorted. The (N, V) comparison runs in float32, like the network's own output; the chosen
-    candidates are ordered by their float64 sums, ties going to the lower row, then the lower token id.
-    Tokens in ``ban`` are excluded.
+    A candidate's value is its row's cumulative log prob plus its token's, in float64; candidates are
+    ordered by sentence, then best value, ties going to the lower row, then the lower token id. Tokens
+    in ``ban`` are dropped (the step returned enough extra candidates per row to make up for them).
     """
-    vocab = log_probs.shape[1]
-    scores = np.add(row_log_prob.astype(np.float32)[:, None], log_probs, dtype=np.float32)  # (N, V)
-    scores[:, ban] = NEG_INF
-    grid, starts = _sentence_grid(scores, row_pos, n_live)  # (n_live, R * V)
-    threshold = _kth_best_lower_bound(grid, k)
-    if np.isnan(threshold).any():
-        raise ValueError("step function returned NaN log probs")
-    mask = grid >= threshold[:, None]
-    if (threshold == NEG_INF).any():
-        mask &= grid > NEG_INF
-    pos, flat = np.divmod(np.flatnonzero(mask), grid.shape[1])  # k or a few more: cut below
-    row, token = starts[pos] + flat // vocab, flat % vocab
-    values = row_log_prob[row] + log_probs[row, token].astype(np.float64)
-    order = np.lexsort((flat, -values, pos))  # by sentence, then best value, then row, then token
+    n_rows, width = out.ids.shape
+    row = np.repeat(np.arange(n_rows), width)
+    token = out.ids.reshape(-1)
+    values = row_log_prob[row] + out.scores.reshape(-1).astype(np.float64)
+    keep = np.isfinite(values) & ~np.isin(token, ban)
+    row, token, values = row[keep], token[keep], values[keep]
+    pos = row_pos[row]
+    order = np.lexsort((token, row, -values, pos))  # by sentence, then best value, then row, then token
     pos, row, token, values = pos[order], row[order], token[order], values[order]
     rank = np.arange(pos.size) - np.searchsorted(pos, pos)
     keep = rank < k
@@ -248,17 +203,21 @@ def _add_finished(pool: list[_Finished], entry: _Finished, n_best: int) -> None:
     del pool[n_best:]
 
 
-def _check_outputs(log_probs: object, cross_attn: object, n_rows: int, eos_id: int) -> np.ndarray:
-    log_probs = np.asarray(log_probs)
-    if log_probs.ndim != 2 or log_probs.shape[0] != n_rows or log_probs.shape[1] <= eos_id:
+def _check_outputs(out: object, n_rows: int, k: int) -> StepOutput:
+    if not isinstance(out, tuple) or len(out) != 4:
+        raise ValueError(f"step function returned {type(out).__name__}; expected a StepOutput")
+    scores, ids, eos, attn = (np.asarray(x) if x is not None else None for x in out)
+    if scores.shape != ids.shape or scores.ndim != 2 or scores.shape[0] != n_rows or scores.shape[1] > k:
         raise ValueError(
-            f"step function returned log_probs of shape {log_probs.shape}; expected ({n_rows}, V) "
-            f"with V > eos_id ({eos_id})"
+            f"step function returned scores {scores.shape} and ids {ids.shape}; expected ({n_rows}, at most {k}) each"
         )
-    if cross_attn is not None and (np.ndim(cross_attn) != 2 or np.shape(cross_attn)[0] != n_rows):
-        shape = np.shape(cross_attn)
-        raise ValueError(f"step function returned cross_attn of shape {shape}; expected ({n_rows}, S)")
-    return log_probs
+    if eos.shape != (n_rows,):
+        raise ValueError(f"step function returned eos_log_probs of shape {eos.shape}; expected ({n_rows},)")
+    if attn is not None and (attn.ndim != 2 or attn.shape[0] != n_rows):
+        raise ValueError(f"step function returned cross_attn of shape {attn.shape}; expected ({n_rows}, S)")
+    if np.isnan(scores).any() or np.isnan(eos).any():
+        raise ValueError("step function returned NaN log probs")
+    return StepOutput(scores, ids, eos, attn)
 
 
 def beam_search(
@@ -267,7 +226,7 @@ def beam_search(
     *,
     bos_id: int,
     eos_id: int,
-    config: SearchConfig = SearchConfig(),
+    config: DecodingOptions = PAPER,
     pad_id: int | None = None,
     max_positions: int | None = None,
 ) -> list[list[Hypothesis]]:
@@ -294,18 +253,18 @@ def beam_search(
     reorder: np.ndarray | None = None
     step = 0
     while live.size:
-        log_probs, cross_attn = step_fn(tokens, step, reorder)
-        log_probs = _check_outputs(log_probs, cross_attn, tokens.size, eos_id)  # (N, V)
-        history.record(tokens, reorder, cross_attn)
+        ban = [*banned, eos_id] if step < config.min_length else banned
+        width = 2 * k + len(ban)  # candidates per row: a sentence's 2K best survive the banned ones
+        out = _check_outputs(step_fn(tokens, step, reorder, width), tokens.size, width)
+        history.record(tokens, reorder, out.cross_attn)
         forced = max_lens[live] <= step  # (n_live,) sentences at their max length
         for row in np.flatnonzero(forced[row_pos]):
-            log_prob = float(row_log_prob[row] + log_probs[row, eos_id])
+            log_prob = float(row_log_prob[row] + out.eos_log_probs[row])
             score = log_prob / float(config.penalty(step + 1))
             pool = pools[live[row_pos[row]]]
             _add_finished(pool, _Finished(score, log_prob, step, int(row)), n_best)
 
-        ban = [*banned, eos_id] if step < config.min_length else banned
-        cand = _top_candidates(row_log_prob, log_probs, row_pos, live.size, 2 * k, ban)
+        cand = _top_candidates(row_log_prob, out, row_pos, 2 * k, ban)
         is_eos = cand.token == eos_id
         searching = ~forced[cand.pos]
         for i in np.flatnonzero(is_eos & (cand.rank < k) & searching):
@@ -327,7 +286,7 @@ def beam_search(
 
 
 def _can_stop(
-    config: SearchConfig,
+    config: DecodingOptions,
     pools: list[list[_Finished]],
     live: np.ndarray,
     max_lens: np.ndarray,
@@ -363,7 +322,7 @@ def greedy_search(
     *,
     bos_id: int,
     eos_id: int,
-    config: SearchConfig = SearchConfig(),
+    config: DecodingOptions = PAPER,
     pad_id: int | None = None,
     max_positions: int | None = None,
 ) -> list[list[Hypothesis]]:

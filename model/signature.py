@@ -4,13 +4,17 @@ Torch-free, so the service can check the graphs it loads against the same declar
 
 encoder.onnx  src_ids (batch, src_len) int64, src_pad_mask (batch, src_len) bool (True = padding)
               → cross_key_{i}, cross_value_{i} (batch, heads, src_len, head_dim) for each decoder layer i
-decoder.onnx  one step: tokens (rows, 1) int64, step (1,) int64 (the tokens' position = past length),
-              reorder (rows,) int64 (row r continues previous row reorder[r]; the graph gathers the past with it),
-              src_pad_mask (rows, src_len) bool, past_key_{i}/past_value_{i} (prev_rows, heads, past_len, head_dim),
+decoder.onnx  one step: tokens (rows, 1) int64, positions (rows, 1) int64 (each row's decoding position),
+              top_k (k,) int64 (only its length counts: candidates per row), src_pad_mask (rows, src_len) bool,
+              self_pad_mask (rows, past_len) bool (True = a cache slot the row must not see),
+              past_key_{i}/past_value_{i} (rows, heads, past_len, head_dim) (already in the rows' order),
               cross_key_{i}/cross_value_{i} (rows, heads, src_len, head_dim)
-              → log_probs (rows, vocab) float32, cross_attn (rows, src_len) float32 (the alignment layer,
-              head mean), present_key_{i}/present_value_{i} (rows, heads, past_len + 1, head_dim)
+              → scores (rows, k) float32 and ids (rows, k) int64 (each row's k best log-probs, best first),
+              eos_log_probs (rows,) float32, cross_attn (rows, src_len) float32 (the alignment layer, head
+              mean), present_key_{i}/present_value_{i} (rows, heads, past_len + 1, head_dim)
 
+Past length 0 on the first step, no control flow: one graph for every step. Rows may be at different
+positions (per-row positions, a padded cache with its mask), so sentences can join a running batch.
 K/V tensors are in the variant's cache dtype (float32; float16 for the fp16 variant); log-probs and
 attention are always float32.
 """
@@ -87,14 +91,17 @@ def decoder_signature(cfg: ModelConfig) -> GraphSignature:
         name="decoder",
         inputs=(
             TensorSpec("tokens", "int64", ("rows", 1)),
-            TensorSpec("step", "int64", (1,)),
-            TensorSpec("reorder", "int64", ("rows",)),
+            TensorSpec("positions", "int64", ("rows", 1)),
+            TensorSpec("top_k", "int64", ("k",)),
             TensorSpec("src_pad_mask", "bool", ("rows", "src_len")),
-            *_kv_specs("past", cfg, "prev_rows", "past_len"),
+            TensorSpec("self_pad_mask", "bool", ("rows", "past_len")),
+            *_kv_specs("past", cfg, "rows", "past_len"),
             *_kv_specs("cross", cfg, "rows", "src_len"),
         ),
         outputs=(
-            TensorSpec("log_probs", "float32", ("rows", cfg.vocab_size)),
+            TensorSpec("scores", "float32", ("rows", "k")),
+            TensorSpec("ids", "int64", ("rows", "k")),
+            TensorSpec("eos_log_probs", "float32", ("rows",)),
             TensorSpec("cross_attn", "float32", ("rows", "src_len")),
             *_kv_specs("present", cfg, "rows", "past_len + 1"),
         ),

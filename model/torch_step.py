@@ -5,14 +5,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from model.transformer import Transformer, reorder_cache
+from model.search import StepOutput, is_identity
+from model.transformer import Transformer, best_candidates, reorder_cache
 
 
 class TorchStepFunction:
     """Holds one batch's encoder output and decoder cache; each call decodes one token per row.
 
     ``reorder`` (from the search) says which previous row each new row continues: the cache is gathered
-    with it, and the cross-attention K/V only when the rows' sentences change (expansion or pruning).
+    with it unless it is the identity, and the cross-attention K/V only when the rows' sentences change
+    (expansion or pruning). Returns each row's ``k`` best candidates, as the ONNX step graph does.
     """
 
     def __init__(self, model: Transformer, src_ids: np.ndarray, src_pad_mask: np.ndarray) -> None:
@@ -28,8 +30,8 @@ class TorchStepFunction:
         self.mask = self.base_mask
         self.cache = model.empty_cache(src.shape[0], device)
 
-    def __call__(self, tokens: np.ndarray, step: int, reorder: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        if reorder is not None:
+    def __call__(self, tokens: np.ndarray, step: int, reorder: np.ndarray | None, k: int) -> StepOutput:
+        if reorder is not None and not is_identity(reorder, len(self.row_sentence)):
             index = torch.from_numpy(np.asarray(reorder, dtype=np.int64)).to(self.device)
             self.cache = reorder_cache(self.cache, index)
             row_sentence = self.row_sentence[reorder]
@@ -39,7 +41,10 @@ class TorchStepFunction:
                 self.mask = self.base_mask.index_select(0, sentence_index)
                 self.row_sentence = row_sentence
         tok = torch.from_numpy(np.asarray(tokens, dtype=np.int64)).to(self.device)[:, None]  # (N, 1)
-        positions = torch.tensor([step], device=self.device)
+        positions = torch.full_like(tok, step)  # (N, 1): every row of a static batch is at the same step
         with torch.inference_mode():
             log_probs, self.cache, attn = self.model.decode_step(tok, positions, self.cross, self.mask, self.cache)
-        return log_probs[:, 0].float().cpu().numpy(), attn[:, 0].float().cpu().numpy()
+            k = min(k, log_probs.shape[-1])
+            scores, ids, eos = best_candidates(log_probs[:, 0].float(), k, self.model.config.eos_id)
+        return StepOutput(scores.cpu().numpy(), ids.cpu().numpy(), eos.cpu().numpy(), attn[:, 0].float().cpu().numpy())
+

@@ -38,7 +38,13 @@ def sinusoidal_table(max_positions: int, d_model: int) -> Tensor:
 
 
 class MultiHeadAttention(nn.Module):
-    """Multi-head scaled dot-product attention; keys/values are projected separately so they can be cached."""
+    """Multi-head scaled dot-product attention with separate q/k/v/out projections (the paper's W^Q, W^K, W^V, W^O).
+
+    The parameters stay four ``nn.Linear``; the forward passes run one matmul for q, k and v together
+    (``project_qkv``) or k and v together (``project_kv``), with the weights concatenated on the fly, so the
+    exported graph has one bigger MatMul instead of three (constant folding turns the concatenation of
+    weights into one initializer) and checkpoints keep their layout.
+    """
 
     def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
         super().__init__()
@@ -54,12 +60,23 @@ class MultiHeadAttention(nn.Module):
         n, t, _ = x.shape
         return x.view(n, t, self.n_heads, self.head_dim).transpose(1, 2)  # (N, H, T, Dh)
 
-    def project_kv(self, x: Tensor) -> KV:
-        return self.split_heads(self.k_proj(x)), self.split_heads(self.v_proj(x))
+    def _fused(self, x: Tensor, projections: tuple[nn.Linear, ...]) -> tuple[Tensor, ...]:
+        weight = torch.cat([p.weight for p in projections])  # (len * D, D)
+        bias = torch.cat([p.bias for p in projections])
+        d_model = self.n_heads * self.head_dim
+        return tuple(self.split_heads(y) for y in F.linear(x, weight, bias).split(d_model, dim=-1))
 
-    def forward(self, query: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """query (N, T, D), k/v (N, H, S, Dh), mask broadcastable to (N, H, T, S) → (N, T, D), (N, H, T, S)."""
-        q = self.split_heads(self.q_proj(query))  # (N, H, T, Dh)
+    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (N, T, D) → q, k, v, each (N, H, T, Dh), from one matmul."""
+        q, k, v = self._fused(x, (self.q_proj, self.k_proj, self.v_proj))
+        return q, k, v
+
+    def project_kv(self, x: Tensor) -> KV:
+        k, v = self._fused(x, (self.k_proj, self.v_proj))
+        return k, v
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """q (N, H, T, Dh), k/v (N, H, S, Dh), mask broadcastable to (N, H, T, S) → (N, T, D), (N, H, T, S)."""
         scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (N, H, T, S)
         scores = scores.masked_fill(mask, torch.finfo(scores.dtype).min)
         weights = torch.softmax(scores, dim=-1)
@@ -67,6 +84,10 @@ class MultiHeadAttention(nn.Module):
         n, _, t, _ = context.shape
         context = context.transpose(1, 2).reshape(n, t, self.n_heads * self.head_dim)  # (N, T, D)
         return self.out_proj(context), weights
+
+    def forward(self, query: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """query (N, T, D) attends to projected k/v (N, H, S, Dh) → (N, T, D), weights (N, H, T, S)."""
+        return self.attend(self.split_heads(self.q_proj(query)), k, v, mask)
 
 
 class FeedForward(nn.Module):
@@ -108,9 +129,8 @@ class EncoderLayer(nn.Module):
         self.ffn_sub = SubLayer(cfg.d_model, cfg.dropout, cfg.pre_norm)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        h = self.self_attn_sub.inp(x)
-        k, v = self.self_attn.project_kv(h)
-        x = self.self_attn_sub.out(x, self.self_attn(h, k, v, mask)[0])
+        q, k, v = self.self_attn.project_qkv(self.self_attn_sub.inp(x))
+        x = self.self_attn_sub.out(x, self.self_attn.attend(q, k, v, mask)[0])
         return self.ffn_sub.out(x, self.ffn(self.ffn_sub.inp(x)))
 
 
@@ -128,11 +148,10 @@ class DecoderLayer(nn.Module):
         self, x: Tensor, past: KV, cross: KV, self_mask: Tensor, cross_mask: Tensor
     ) -> tuple[Tensor, KV, Tensor]:
         """x (N, T, D); past K/V (N, H, P, Dh) → x, present K/V (N, H, P+T, Dh), cross weights (N, H, T, S)."""
-        h = self.self_attn_sub.inp(x)
-        k_new, v_new = self.self_attn.project_kv(h)
+        q, k_new, v_new = self.self_attn.project_qkv(self.self_attn_sub.inp(x))
         k = torch.cat([past[0], k_new], dim=2)  # (N, H, P+T, Dh)
         v = torch.cat([past[1], v_new], dim=2)
-        x = self.self_attn_sub.out(x, self.self_attn(h, k, v, self_mask)[0])
+        x = self.self_attn_sub.out(x, self.self_attn.attend(q, k, v, self_mask)[0])
         attended, cross_weights = self.cross_attn(self.cross_attn_sub.inp(x), cross[0], cross[1], cross_mask)
         x = self.cross_attn_sub.out(x, attended)
         x = self.ffn_sub.out(x, self.ffn(self.ffn_sub.inp(x)))
@@ -187,8 +206,11 @@ class Transformer(nn.Module):
         return self.encoder_norm(x)
 
     def cross_kv(self, memory: Tensor) -> CrossKV:
-        """Each decoder layer's cross-attention K/V, (B, H, S, Dh) each: computed once per sentence."""
-        return tuple(layer.cross_attn.project_kv(memory) for layer in self.decoder_layers)
+        """Each decoder layer's cross-attention K/V, (B, H, S, Dh) each: computed once per sentence, every
+        layer's K and V from one matmul (the weights of all layers side by side)."""
+        projections = [p for layer in self.decoder_layers for p in (layer.cross_attn.k_proj, layer.cross_attn.v_proj)]
+        flat = self.decoder_layers[0].cross_attn._fused(memory, tuple(projections))  # 2L tensors (B, H, S, Dh)
+        return tuple((flat[i], flat[i + 1]) for i in range(0, len(flat), 2))
 
     def empty_cache(self, n: int, device: torch.device | None = None, dtype: torch.dtype | None = None) -> DecoderCache:
         """A cache of past length 0, so the first step runs the same code as every later one."""
@@ -206,13 +228,17 @@ class Transformer(nn.Module):
         memory_or_cross_kv: Tensor | CrossKV,
         src_pad_mask: Tensor,
         cache: DecoderCache | None = None,
+        self_pad_mask: Tensor | None = None,
     ) -> tuple[Tensor, DecoderCache, Tensor]:
         """Run the decoder over ``tokens`` (N, T) that follow ``cache`` (past length P).
 
-        positions: (T,) absolute positions of ``tokens`` (P .. P+T-1). Returns log-probs (N, T, V), the
-        new cache (past length P+T) and the alignment layer's cross-attention averaged over heads (N, T, S).
+        positions: (T,) absolute positions of ``tokens`` (P .. P+T-1), or (N, T), one row each, for rows at
+        different decoding positions. ``self_pad_mask`` (N, P+T), True at cache slots a row must not attend
+        to (a padded cache shared by rows of different lengths); None: every slot is the row's own.
+        Returns log-probs (N, T, V), the new cache (past length P+T) and the alignment layer's
+        cross-attention averaged over heads (N, T, S).
         """
-        return self._decode(tokens, positions, memory_or_cross_kv, src_pad_mask, cache, log_probs=True)
+        return self._decode(tokens, positions, memory_or_cross_kv, src_pad_mask, cache, True, self_pad_mask)
 
     def _decode(
         self,
@@ -222,6 +248,7 @@ class Transformer(nn.Module):
         src_pad_mask: Tensor,
         cache: DecoderCache | None,
         log_probs: bool,
+        self_pad_mask: Tensor | None = None,
     ) -> tuple[Tensor, DecoderCache, Tensor]:
         n, t = tokens.shape
         if cache is None:
@@ -232,6 +259,8 @@ class Transformer(nn.Module):
         key_pos = torch.arange(past_len + t, device=tokens.device)
         query_pos = torch.arange(t, device=tokens.device) + past_len
         self_mask = key_pos[None, :] > query_pos[:, None]  # (T, P+T), True = future
+        if self_pad_mask is not None:
+            self_mask = self_mask[None, None] | self_pad_mask[:, None, None, :]  # (N, 1, T, P+T)
         cross_mask = src_pad_mask[:, None, None, :]  # (N, 1, 1, S)
         x = self.embed_tokens(tokens, positions, target=True)
         new_cache: list[KV] = []
@@ -265,3 +294,10 @@ def reorder_cache(cache: DecoderCache, index: Tensor) -> DecoderCache:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def best_candidates(log_probs: Tensor, k: int, eos_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The step's output contract: log_probs (N, V) → the k best (scores (N, k), ids (N, k)) of each row, best
+    first, and each row's EOS log prob (N,), which the search needs when it forces EOS at the max length."""
+    scores, ids = torch.topk(log_probs, k, dim=-1)  # (N, k) each
+    return scores, ids, log_probs[:, eos_id]

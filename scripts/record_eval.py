@@ -17,8 +17,8 @@ from functools import partial
 from pathlib import Path
 
 from model.decode import score_translations, translate_ids
+from model.decoding import DecodingOptions
 from model.model_dir import MODEL_JSON, atomic_write_text
-from model.search import SearchConfig
 from model.tokenizer import Tokenizer
 from model.torch_step import TorchStepFunction
 from model.weights import load_model
@@ -41,7 +41,7 @@ def main() -> None:
     model, info = load_model(args.model_dir)
     tokenizer = Tokenizer(info.tokenizer_file)
     sources, refs = read(args.src), read(args.ref)
-    search = SearchConfig(beam_size=args.beam_size, length_penalty=args.length_penalty)
+    search = DecodingOptions(beam_size=args.beam_size, length_penalty=args.length_penalty)
     started = time.perf_counter()
     ids = translate_ids(partial(TorchStepFunction, model), tokenizer.encode_batch(sources), info.config, search, 64)
     result = score_translations(tokenizer.decode_batch(ids), refs, info.target_lang)

@@ -26,7 +26,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from service.engine import DecodeOptions, Engine, SentenceResult, batch_cost, plan_batches
+from model.decoding import DecodingOptions
+from service.engine import Engine, SentenceResult, batch_cost, plan_batches
 from service.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class _Request:
 @dataclass(eq=False)
 class _Item:
     source: list[int]
-    options: DecodeOptions
+    options: DecodingOptions
     future: asyncio.Future
     request: _Request
     enqueued: float = field(default_factory=time.monotonic)
@@ -86,7 +87,7 @@ class Batcher:
         self.engine = engine
         self.limits = limits
         self.metrics = metrics
-        self._queues: dict[DecodeOptions, deque[_Item]] = {}
+        self._queues: dict[DecodingOptions, deque[_Item]] = {}
         self._depth = 0  # queued sentences, not yet decoding or dropped
         self._wake = asyncio.Event()
         self._closing = False
@@ -110,7 +111,7 @@ class Batcher:
         self._executor.shutdown(wait=True)
 
     async def translate(
-        self, sources: Sequence[list[int]], options: DecodeOptions, request_id: str = "-"
+        self, sources: Sequence[list[int]], options: DecodingOptions, request_id: str = "-"
     ) -> list[SentenceResult]:
         """Results for ``sources`` (non-empty token lists), in order; raises TooManySentences, QueueFull,
         RequestTimeout, BatchFailed."""
@@ -198,7 +199,7 @@ class Batcher:
                 oldest = queue[0]
         return oldest
 
-    def _budget_full(self, options: DecodeOptions) -> bool:
+    def _budget_full(self, options: DecodingOptions) -> bool:
         live = [len(i.source) for i in self._queues.get(options, ()) if i.state == QUEUED]
         if not live:
             return False
@@ -245,7 +246,7 @@ class Batcher:
             live.append(item)
         return live
 
-    async def _decode(self, batch: list[_Item], options: DecodeOptions) -> None:
+    async def _decode(self, batch: list[_Item], options: DecodingOptions) -> None:
         batch = self._drop_dead(batch)
         if not batch:
             return
@@ -283,7 +284,7 @@ class Batcher:
             if not item.future.done():
                 item.future.set_exception(BatchFailed(f"{type(error).__name__}: {error}"))
 
-    async def _run(self, batch: list[_Item], options: DecodeOptions) -> None:
+    async def _run(self, batch: list[_Item], options: DecodingOptions) -> None:
         """Decode ``batch`` on the engine thread and resolve its futures; an engine error is logged and raised."""
         name = self.engine.name
         started = time.perf_counter()

@@ -20,29 +20,17 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, InvalidProtobuf, NoSuchFile
 
-from export.manifest import MANIFEST, changed_files, read_manifest
-from export.ort_step import CPU, IoBindingStepFunction, OrtModel, OrtModelError, OrtStepFunction, session_options
-from export.signature import VARIANTS
 from model.decode import search_batch
-from model.model_dir import ModelDirError, ModelInfo, read_model_dir
-from model.search import SearchConfig
+from model.decoding import PAPER, DecodingOptions
+from model.manifest import check_model_dir
+from model.model_dir import ModelDirError, ModelInfo
+from model.runtime import CPU, IoBindingStepFunction, OrtModel, OrtModelError, OrtStepFunction, session_options
 from model.tokenizer import Tokenizer, pad_sources
 
 logger = logging.getLogger(__name__)
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 WORD_START = "\u2581"  # SentencePiece's word-boundary marker "▁"
-
-
-@dataclass(frozen=True)
-class DecodeOptions:
-    """The per-request decoding settings; requests share a batch only when these are equal."""
-
-    beam_size: int = 4
-    n_best: int = 1
-    length_penalty: float = 0.6
-    max_length: int | None = None  # None: source length + 50
-    return_attention: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,72 +89,6 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def resolve_variant(manifest: dict, variant: str, device: str) -> str:
-    """``auto`` → fp16 on CUDA if the manifest recommends it, else fp32.
-
-    int8 is never chosen automatically: dynamic quantization scales each activation tensor by the range
-    of the whole batch, so a sentence's int8 translation depends on what it was batched with, which the
-    API promises it does not (MT_VARIANT=int8 opts in, for speed).
-    """
-    variants = manifest.get("variants", {})
-    if variant != "auto":
-        return variant
-    if device != "cuda":
-        return "fp32"
-    preferred = "fp16"
-    return preferred if variants.get(preferred, {}).get("recommended") else "fp32"
-
-
-@dataclass(frozen=True)
-class ModelCheck:
-    """A model dir that passed :func:`check_model_dir`: what to load, and the tokenizer already loaded."""
-
-    info: ModelInfo
-    manifest: dict
-    variant: str
-    tokenizer: Tokenizer
-
-
-def check_model_dir(path: str | Path, variant: str = "auto", device: str = "cpu") -> ModelCheck:
-    """Check everything needed to serve ``path`` before loading graphs; raises ModelDirError naming the file."""
-    info = read_model_dir(path)
-    try:
-        tokenizer = Tokenizer(info.tokenizer_file)
-    except (OSError, RuntimeError, ValueError) as e:
-        raise ModelDirError(f"{info.tokenizer_file} is not a usable SentencePiece model ({e})") from e
-    if tokenizer.vocab_size != info.config.vocab_size:
-        raise ModelDirError(
-            f"{info.tokenizer_file} has {tokenizer.vocab_size} pieces but {info.path / 'model.json'} says "
-            f"vocab_size {info.config.vocab_size}: the directory mixes files from different runs"
-        )
-    onnx_dir = info.path / "onnx"
-    manifest_path = onnx_dir / MANIFEST
-    if not manifest_path.is_file():
-        raise ModelDirError(
-            f"{manifest_path} is missing: export the model first with `mt-export {info.path}` "
-            "(`make serve` does this for you)"
-        )
-    try:
-        manifest = read_manifest(onnx_dir)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ModelDirError(f"{manifest_path} is not valid JSON ({e}): re-run `mt-export --force {info.path}`") from e
-    chosen = resolve_variant(manifest, variant, device)
-    if chosen not in manifest.get("variants", {}):
-        flag = "" if chosen == "fp32" else f" --{chosen}"
-        raise ModelDirError(
-            f"{manifest_path} has no {chosen!r} variant (it has {sorted(manifest.get('variants', {}))}): "
-            f"re-run `mt-export --force{flag} {info.path}` or choose another MT_VARIANT"
-        )
-    wanted = set(VARIANTS[chosen][:2])
-    broken = [name for name in changed_files(onnx_dir, manifest) if name in wanted]
-    if broken:
-        raise ModelDirError(
-            f"{', '.join(str(onnx_dir / name) for name in broken)}: missing or changed since export "
-            f"(sha256 differs from {manifest_path}): re-run `mt-export --force {info.path}`"
-        )
-    return ModelCheck(info, manifest, chosen, tokenizer)
-
-
 class Engine:
     """Decodes batches of tokenized sentences with one model; use from one thread at a time."""
 
@@ -180,7 +102,7 @@ class Engine:
     @classmethod
     def load(cls, model_dir: str | Path, *, device: str = "auto", variant: str = "auto", threads: int = 0) -> Engine:
         device = resolve_device(device)
-        checked = check_model_dir(model_dir, variant, device)
+        checked = check_model_dir(model_dir, variant, device)  # hashes only files not yet verified in this process
         info, chosen, tokenizer = checked.info, checked.variant, checked.tokenizer
         providers = [CUDA_PROVIDER, *CPU] if device == "cuda" else list(CPU)
         try:
@@ -218,7 +140,7 @@ class Engine:
                 raise SentenceTooLong(i, len(ids), limit, self.name)
         return encoded
 
-    def translate_batch(self, sources: Sequence[Sequence[int]], options: DecodeOptions) -> list[SentenceResult]:
+    def translate_batch(self, sources: Sequence[Sequence[int]], options: DecodingOptions) -> list[SentenceResult]:
         """Decode one batch of non-empty tokenized sources; one result per source, in order."""
         if not sources:
             return []
@@ -227,10 +149,10 @@ class Engine:
             step_fn: OrtStepFunction = IoBindingStepFunction(self.ort_model, ids, mask, device="cuda")
         else:
             step_fn = self.ort_model.step_function(ids, mask)
-        hypotheses = search_batch(step_fn, [len(s) for s in sources], self.info.config, self._search_config(options))
+        hypotheses = search_batch(step_fn, [len(s) for s in sources], self.info.config, options)
         return [self._result(src, hyps, options) for src, hyps in zip(sources, hypotheses, strict=True)]
 
-    def translate(self, texts: Sequence[str], options: DecodeOptions, max_batch_tokens: int = 4096) -> list[str]:
+    def translate(self, texts: Sequence[str], options: DecodingOptions, max_batch_tokens: int = 4096) -> list[str]:
         """Best translation of each text, decoded in length-sorted batches of ``max_batch_tokens`` (no splitting)."""
         sources = self.encode(texts)
         out = [""] * len(sources)
@@ -243,19 +165,9 @@ class Engine:
 
     def warmup(self) -> None:
         """Decode one short sentence, so that the first request does not pay for session initialisation."""
-        self.translate_batch([self.encode(["warm up"])[0] or [self.tokenizer.unk_id]], DecodeOptions())
+        self.translate_batch([self.encode(["warm up"])[0] or [self.tokenizer.unk_id]], PAPER)
 
-    def _search_config(self, options: DecodeOptions) -> SearchConfig:
-        """The request's options as a search config (the search itself keeps outputs within the positions)."""
-        return SearchConfig(
-            beam_size=options.beam_size,
-            n_best=options.n_best,
-            length_penalty=options.length_penalty,
-            max_length=options.max_length,
-            return_attention=options.return_attention,
-        )
-
-    def _result(self, src: Sequence[int], hyps: list, options: DecodeOptions) -> SentenceResult:
+    def _result(self, src: Sequence[int], hyps: list, options: DecodingOptions) -> SentenceResult:
         candidates = [Candidate(self.tokenizer.decode(h.tokens), list(h.tokens), float(h.score)) for h in hyps]
         attention = None
         if options.return_attention and hyps:

@@ -10,6 +10,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from model.decoding import PAPER
+
 MAX_BEAM = 16  # beam sizes above this are refused whatever MT_MAX_BEAM says
 MAX_LENGTH = 1024  # the largest max_length accepted (a model may allow fewer: its max_positions - 1)
 
@@ -37,11 +39,18 @@ class TranslateRequest(BaseModel):
         None, description='source language (a BCP-47 tag, or "auto" to detect it); optional when one model is loaded'
     )
     target: str | None = Field(None, description="target language; optional when one model is loaded")
-    beam_size: int = Field(4, ge=1, le=MAX_BEAM, description="beam width; 1 is greedy decoding")
-    n_best: int = Field(1, ge=1, le=MAX_BEAM, description="translations per text (alternatives after the first)")
-    length_penalty: float = Field(0.6, ge=0.0, le=5.0, description="GNMT α: score = log p / ((5 + |Y|) / 6) ** α")
+    beam_size: int = Field(PAPER.beam_size, ge=1, le=MAX_BEAM, description="beam width; 1 is greedy decoding")
+    n_best: int = Field(
+        PAPER.n_best, ge=1, le=MAX_BEAM, description="translations per text (alternatives after the first)"
+    )
+    length_penalty: float = Field(
+        PAPER.length_penalty, ge=0.0, le=5.0, description="GNMT α: score = log p / ((5 + |Y|) / 6) ** α"
+    )
     max_length: int | None = Field(
-        None, ge=1, le=MAX_LENGTH, description="max target tokens per sentence; default source tokens + 50"
+        None,
+        ge=1,
+        le=MAX_LENGTH,
+        description=f"max target tokens per sentence; default source tokens + {PAPER.max_length_offset}",
     )
     return_scores: bool = Field(False, description="add each translation's score (log p / length penalty)")
     return_attention: bool = Field(False, description="add subword cross-attention and a word alignment")

@@ -6,7 +6,8 @@ import asyncio
 
 import numpy as np
 
-from service.engine import Attention, Candidate, DecodeOptions, SentenceResult, SentenceTooLong
+from model.decoding import DecodingOptions
+from service.engine import Attention, Candidate, SentenceResult, SentenceTooLong
 from service.registry import ServedModel
 from service.schemas import Alternative, AttentionOut, TranslateRequest, TranslateResponse, Translation
 from service.segment import Segmented, TextResult, attention_cells, merge, split_text
@@ -98,7 +99,7 @@ async def translate(
     body: TranslateRequest, served: ServedModel, settings: Settings, request_id: str
 ) -> TranslateResponse:
     """Split, tokenize (off the event loop unless small), queue every sentence in one go, rejoin per text."""
-    options = DecodeOptions(
+    options = DecodingOptions(
         beam_size=body.beam_size,
         n_best=body.n_best,
         length_penalty=body.length_penalty,
@@ -126,7 +127,7 @@ async def translate(
     return TranslateResponse(model=served.engine.name, translations=translations)
 
 
-def _empty(options: DecodeOptions) -> SentenceResult:
+def _empty(options: DecodingOptions) -> SentenceResult:
     attention = Attention([], [], np.zeros((0, 0)), []) if options.return_attention else None
     return SentenceResult([Candidate("", [], 0.0)], attention)
 

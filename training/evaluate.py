@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from model.decode import translate_ids
-from model.search import SearchConfig
+from model.decoding import DecodingOptions
 from model.tokenizer import Tokenizer
 from model.torch_step import TorchStepFunction
 from model.transformer import Transformer
@@ -18,7 +18,7 @@ from training.loss import label_smoothed_nll_loss
 
 
 def translate_texts(
-    model: Transformer, tokenizer: Tokenizer, texts: Sequence[str], search: SearchConfig, batch_size: int = 64
+    model: Transformer, tokenizer: Tokenizer, texts: Sequence[str], search: DecodingOptions, batch_size: int = 64
 ) -> list[str]:
     """Best beam-search translation of each text with the torch model (input order)."""
     make_step = partial(TorchStepFunction, model)

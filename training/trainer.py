@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from model.config import ModelConfig
 from model.decode import score_translations
-from model.search import SearchConfig
+from model.decoding import DecodingOptions
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer, count_parameters
 from training import data as data_lib
@@ -320,9 +320,9 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     # -- evaluation and checkpoints ---------------------------------------------------------------------
-    def search_config(self) -> SearchConfig:
+    def search_config(self) -> DecodingOptions:
         e = self.cfg.eval
-        return SearchConfig(beam_size=e.beam_size, length_penalty=e.length_penalty)
+        return DecodingOptions(beam_size=e.beam_size, length_penalty=e.length_penalty)
 
     def validate(self, model: Transformer) -> dict[str, Any]:
         """Validation loss (teacher forced) and BLEU/chrF of beam-search translations of the valid set."""

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 
 import pytest
 
 from export.cli import main as mt_export
-from export.manifest import changed_files, read_manifest
+from export.cli import summary
+from export.pipeline import MIN_USEFUL_BLEU, _recommendation, read_lines, useless_model_warning
 from export.validate import PARITY_SHAPES, TOLERANCES
+from model.manifest import changed_files, read_manifest
 
 
 def test_manifest_holds_hashes_versions_and_parity_figures(exported_model_dir: Path) -> None:
@@ -54,3 +57,26 @@ def test_bad_arguments_fail_before_touching_the_export(
     assert (exported_model_dir / "onnx" / "manifest.json").read_bytes() == before
     assert mt_export([str(tmp_path / "no_model")]) == 1
     assert "model directory not found" in capsys.readouterr().err
+
+
+def test_validation_files_may_be_gzipped(tmp_path: Path) -> None:
+    lines = ["Ein Mann fährt Fahrrad.", "Zwei Hunde."]
+    plain, packed = tmp_path / "valid.de", tmp_path / "valid.de.gz"
+    plain.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    assert read_lines(packed) == read_lines(plain) == lines
+
+
+def test_a_useless_model_is_flagged_and_int8_never_recommended_for_it(exported_model_dir: Path) -> None:
+    # The trained copy model is useful: no warning in its manifest.
+    assert read_manifest(exported_model_dir / "onnx")["evaluation"]["warning"] is None
+    assert useless_model_warning(MIN_USEFUL_BLEU) is None
+    warning = useless_model_warning(0.4)
+    assert warning is not None and "0.40" in warning and "does not translate" in warning
+    # int8 as good as fp32, but fp32 itself scores 0.4: not recommended, and the reason says why.
+    recommended, reason = _recommendation("int8", 0.4, 0.4)
+    assert not recommended and "not useful" in reason
+    assert _recommendation("int8", 30.0, 30.2) == (True, "within 0.5 BLEU of fp32 (-0.20)")
+    manifest = read_manifest(exported_model_dir / "onnx")
+    manifest["evaluation"]["warning"] = warning
+    assert summary(manifest, exported_model_dir / "onnx").splitlines()[-1] == f"WARNING: {warning}"

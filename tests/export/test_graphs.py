@@ -7,9 +7,9 @@ from pathlib import Path
 import onnx
 import pytest
 
-from export.signature import VARIANTS, decoder_signature
 from export.validate import DynamicAxesError, GraphCheckError, SignatureError, check_graph, check_variant_graphs
 from model.model_dir import read_model_dir
+from model.signature import VARIANTS, decoder_signature
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.ort_step import OrtModel
 from export.validate import PARITY_SHAPES, TOLERANCES, compare_translations, step_parity
 from model.decode import translate_ids
-from model.search import SearchConfig
+from model.decoding import DecodingOptions
+from model.runtime import OrtModel
 from model.tokenizer import Tokenizer
 from model.torch_step import TorchStepFunction
 from model.transformer import Transformer
@@ -50,7 +50,7 @@ def test_beam_search_over_onnx_equals_torch_token_for_token(
     tokenizer = Tokenizer(exported_model_dir / "spm.model")
     sources = tokenizer.encode_batch(copy_sources)
     cfg = torch_model.config
-    search = SearchConfig(beam_size=4)
+    search = DecodingOptions(beam_size=4)
     reference = translate_ids(partial(TorchStepFunction, torch_model), sources, cfg, search, batch_size=16)
     onnx_out = translate_ids(ort_fp32.step_function, sources, cfg, search, batch_size=16)
     parity = compare_translations(reference, onnx_out)

@@ -1,4 +1,4 @@
-"""export.ort_step: runs without torch, the IO-binding step function equals the host one, clear load errors."""
+"""model.runtime: runs without torch, the IO-binding step function equals the host one, clear load errors."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from export.ort_step import IoBindingStepFunction, OrtModel, OrtModelError
 from export.validate import step_parity
-from model.model_dir import read_model_dir
+from model import manifest
+from model.model_dir import ModelDirError, read_model_dir
+from model.runtime import IoBindingStepFunction, OrtModel, OrtModelError
 
 
 def test_io_binding_step_function_equals_the_host_one(exported_model_dir: Path) -> None:
@@ -37,7 +38,7 @@ def test_a_missing_variant_says_how_to_export_it(exported_model_dir: Path, tmp_p
     assert read_model_dir(model_dir).config == OrtModel.load(model_dir, "fp32").config
 
 
-def test_ort_step_runs_without_torch(exported_model_dir: Path) -> None:
+def test_runtime_runs_without_torch(exported_model_dir: Path) -> None:
     code = textwrap.dedent(
         f"""
         import sys
@@ -49,7 +50,7 @@ def test_ort_step_runs_without_torch(exported_model_dir: Path) -> None:
 
         sys.meta_path.insert(0, BlockTorch())
         import numpy as np
-        from export.ort_step import OrtModel
+        from model.runtime import OrtModel
         from model.search import beam_search
 
         model = OrtModel.load({str(exported_model_dir)!r}, "fp32")
@@ -62,3 +63,25 @@ def test_ort_step_runs_without_torch(exported_model_dir: Path) -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok 1"
+
+
+def test_model_dir_is_hashed_once_and_a_changed_graph_is_caught(
+    exported_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model_dir = tmp_path / "model"
+    shutil.copytree(exported_model_dir, model_dir)
+    hashed: list[str] = []
+    real_sha256 = manifest.sha256
+
+    def counting(path: Path) -> str:
+        hashed.append(path.name)
+        return real_sha256(path)
+
+    monkeypatch.setattr(manifest, "sha256", counting)
+    for _ in range(3):  # mt-serve's check, the engine's load, the client's check
+        assert manifest.check_model_dir(model_dir, "fp32").variant == "fp32"
+    assert sorted(hashed) == ["decoder.onnx", "encoder.onnx"]
+    with (model_dir / "onnx" / "decoder.onnx").open("ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ModelDirError, match=r"decoder\.onnx: missing or changed since export"):
+        manifest.check_model_dir(model_dir, "fp32")

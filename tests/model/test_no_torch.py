@@ -18,7 +18,8 @@ def test_model_core_imports_without_torch() -> None:
                     raise ImportError("torch is blocked in this test")
 
         sys.meta_path.insert(0, BlockTorch())
-        import model, model.config, model.tokenizer, model.search, model.model_dir
+        import model, model.config, model.tokenizer, model.search, model.model_dir, model.decoding
+        import model.signature, model.runtime, model.manifest, model.decode
         assert "torch" not in sys.modules
         print("ok")
         """

@@ -14,9 +14,23 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from model.search import Hypothesis, SearchConfig, beam_search, greedy_search
+from model.decoding import DecodingOptions
+from model.search import FullTableStep, Hypothesis, StepOutput, top_k_rows
+from model.search import beam_search as candidate_beam_search
+from model.search import greedy_search as candidate_greedy_search
 
 PAD, UNK, BOS, EOS, A, B = range(6)
+
+
+def beam_search(step_fn, *args, eos_id: int, **kwargs):
+    """The search over a scripted full-table step function, through the candidate contract's adapter."""
+    return candidate_beam_search(FullTableStep(step_fn, eos_id), *args, eos_id=eos_id, **kwargs)
+
+
+def greedy_search(step_fn, *args, eos_id: int, **kwargs):
+    return candidate_greedy_search(FullTableStep(step_fn, eos_id), *args, eos_id=eos_id, **kwargs)
+
+
 V = 6
 S = 3  # padded source length seen by the scripted attention
 
@@ -73,7 +87,7 @@ def lp(length: int, alpha: float = 0.6) -> float:
     return ((5 + length) / 6) ** alpha
 
 
-def run(tables: list[Table], config: SearchConfig, src_lengths: list[int] | None = None, **kw):
+def run(tables: list[Table], config: DecodingOptions, src_lengths: list[int] | None = None, **kw):
     step_fn = ScriptedStep(tables, **kw)
     lengths = [5] * len(tables) if src_lengths is None else src_lengths
     return beam_search(step_fn, lengths, bos_id=BOS, eos_id=EOS, config=config), step_fn
@@ -94,10 +108,10 @@ MISSED_BY_GREEDY: Table = {
 def test_greedy_follows_the_argmax_path():
     table = {(): {A: 0.5, B: 0.3, EOS: 0.2}, (A,): {B: 0.7, EOS: 0.3}, (A, B): {EOS: 0.9, A: 0.1}}
     log_prob = math.log(0.5) + math.log(0.7) + math.log(0.9)
-    (beam_one,), _ = run([table], SearchConfig(beam_size=1))
+    (beam_one,), _ = run([table], DecodingOptions(beam_size=1))
     # greedy_search overrides beam_size and n_best, keeping the rest of the config.
     (greedy,) = greedy_search(
-        ScriptedStep([table]), [5], bos_id=BOS, eos_id=EOS, config=SearchConfig(beam_size=3, n_best=2)
+        ScriptedStep([table]), [5], bos_id=BOS, eos_id=EOS, config=DecodingOptions(beam_size=3, n_best=2)
     )
     for hyps in (beam_one, greedy):
         assert len(hyps) == 1
@@ -109,19 +123,19 @@ def test_greedy_follows_the_argmax_path():
 def test_greedy_ends_at_an_argmax_eos_even_if_a_longer_path_scores_better():
     # With α = 1, [A] would score log(0.38) / (7/6) = -0.829 > log(0.4) = -0.916; greedy still stops.
     table = {(): {EOS: 0.4, A: 0.38, B: 0.22}}
-    (hyps,), step_fn = run([table], SearchConfig(beam_size=1, length_penalty=1.0))
+    (hyps,), step_fn = run([table], DecodingOptions(beam_size=1, length_penalty=1.0))
     assert summary(hyps) == [([], pytest.approx(math.log(0.4)), pytest.approx(math.log(0.4)))]
     assert len(step_fn.calls) == 1
-    (beam,), _ = run([table], SearchConfig(beam_size=2, length_penalty=1.0))
+    (beam,), _ = run([table], DecodingOptions(beam_size=2, length_penalty=1.0))
     assert beam[0].tokens == [A]
     assert beam[0].score == pytest.approx(math.log(0.38) / lp(2, 1.0), rel=1e-6)
 
 
 def test_beam_finds_a_path_greedy_misses():
-    (greedy,), _ = run([MISSED_BY_GREEDY], SearchConfig(beam_size=1))
+    (greedy,), _ = run([MISSED_BY_GREEDY], DecodingOptions(beam_size=1))
     assert greedy[0].tokens == [A, A]
     assert greedy[0].log_prob == pytest.approx(math.log(0.6 * 0.4), rel=1e-6)
-    (beam,), _ = run([MISSED_BY_GREEDY], SearchConfig(beam_size=2))
+    (beam,), _ = run([MISSED_BY_GREEDY], DecodingOptions(beam_size=2))
     assert beam[0].tokens == [B]
     assert beam[0].log_prob == pytest.approx(math.log(0.4 * 0.9), rel=1e-6)
     assert beam[0].score == pytest.approx(math.log(0.36) / lp(2), rel=1e-6)
@@ -130,7 +144,7 @@ def test_beam_finds_a_path_greedy_misses():
 def test_ties_go_to_the_lower_row_then_the_lower_token():
     half = {A: 0.5, B: 0.5}
     table: Table = {(): half, (A,): half, (B,): half}
-    config = SearchConfig(beam_size=2, n_best=2, length_penalty=0.0)
+    config = DecodingOptions(beam_size=2, n_best=2, length_penalty=0.0)
     first, step_fn = run([table], config)
     second, _ = run([table], config)
     assert summary(first[0]) == summary(second[0])
@@ -139,13 +153,13 @@ def test_ties_go_to_the_lower_row_then_the_lower_token():
     assert step_fn.calls[2].reorder == [0, 0] and step_fn.calls[2].tokens == [A, B]
     assert [h.tokens for h in first[0]] == [[A, A], [A, B]]
     assert [h.score for h in first[0]] == pytest.approx([math.log(0.25)] * 2, rel=1e-6)
-    (greedy,), _ = run([table], SearchConfig(beam_size=1))
+    (greedy,), _ = run([table], DecodingOptions(beam_size=1))
     assert greedy[0].tokens == [A, A]
 
 
 def test_eos_as_first_token_gives_an_empty_hypothesis():
     table = {(): {EOS: 0.7, A: 0.3}}
-    (hyps,), _ = run([table], SearchConfig(beam_size=4, n_best=2))
+    (hyps,), _ = run([table], DecodingOptions(beam_size=4, n_best=2))
     assert hyps[0].tokens == []
     assert hyps[0].log_prob == pytest.approx(math.log(0.7), rel=1e-6)
     assert hyps[0].score == pytest.approx(math.log(0.7) / lp(1), rel=1e-6)  # |Y| = 1: lp = 1
@@ -158,10 +172,10 @@ def test_length_penalty_reorders_short_and_long_hypotheses():
     table: Table = {(): {A: 0.55, B: 0.45}, (A,): {EOS: 1.0}}
     table.update({(B,) * n: {B: 1.0} for n in range(1, 5)})
     short, long = math.log(0.55), math.log(0.45)
-    (hyps,), step_fn = run([table], SearchConfig(beam_size=2, n_best=1, length_penalty=0.0))
+    (hyps,), step_fn = run([table], DecodingOptions(beam_size=2, n_best=1, length_penalty=0.0))
     assert summary(hyps) == [([A], pytest.approx(short), pytest.approx(short))]
     assert len(step_fn.calls) == 2  # with α = 0 the B beam (0.45 < 0.55) cannot win: stop
-    (hyps,), _ = run([table], SearchConfig(beam_size=2, n_best=2, length_penalty=1.0))
+    (hyps,), _ = run([table], DecodingOptions(beam_size=2, n_best=2, length_penalty=1.0))
     assert [h.tokens for h in hyps] == [[B] * 5, [A]]
     assert [h.score for h in hyps] == pytest.approx([long / (11 / 6), short / (7 / 6)], rel=1e-6)
     assert [h.log_prob for h in hyps] == pytest.approx([long, short], rel=1e-6)
@@ -173,7 +187,7 @@ def test_n_best_returns_distinct_hypotheses_best_first():
         (A,): {EOS: 0.6, A: 0.4},
         (B,): {EOS: 0.5, B: 0.5},
     }
-    (hyps,), _ = run([table], SearchConfig(beam_size=3, n_best=3))
+    (hyps,), _ = run([table], DecodingOptions(beam_size=3, n_best=3))
     # All five hypotheses get finished; [] (log(0.2) / lp(1) = -1.609) just misses the top three.
     expected = [
         ([A], math.log(0.5 * 0.6) / lp(2)),  # -1.098
@@ -184,7 +198,7 @@ def test_n_best_returns_distinct_hypotheses_best_first():
     assert [h.score for h in hyps] == pytest.approx([score for _, score in expected], rel=1e-6)
     assert len({tuple(h.tokens) for h in hyps}) == 3
     with pytest.raises(ValueError, match="n_best"):
-        SearchConfig(beam_size=2, n_best=3)
+        DecodingOptions(beam_size=2, n_best=3)
 
 
 def test_batch_equals_each_sentence_alone_and_drops_finished_rows():
@@ -193,7 +207,7 @@ def test_batch_equals_each_sentence_alone_and_drops_finished_rows():
     long_b: Table = {(): {B: 0.5, A: 0.5}, (B,): {B: 0.9, A: 0.1}, (B, B): {B: 0.6, EOS: 0.4}}
     one_path: Table = {(): {A: 1.0}, (A,): {A: 1.0}}  # a single live beam beside the others' two
     tables = [long_a, finishes, long_b, one_path]
-    config = SearchConfig(beam_size=2)
+    config = DecodingOptions(beam_size=2)
     batch, step_fn = run(tables, config)
     for sentence, table in enumerate(tables):
         (alone,), _ = run([table], config)
@@ -208,27 +222,27 @@ def test_batch_equals_each_sentence_alone_and_drops_finished_rows():
 
 def test_max_length_forces_eos():
     never_eos = {A: 0.7, B: 0.2, EOS: 0.1}
-    config = SearchConfig(beam_size=1, max_length_offset=2)
+    config = DecodingOptions(beam_size=1, max_length_offset=2)
     hyps, step_fn = run([{}, {}], config, src_lengths=[1, 3], default=never_eos)
     assert [h[0].tokens for h in hyps] == [[A] * 3, [A] * 5]
     assert hyps[1][0].log_prob == pytest.approx(5 * math.log(0.7) + math.log(0.1), rel=1e-6)
     assert [call.sentences for call in step_fn.calls][-2:] == [[1], [1]]
-    hyps, _ = run([{}, {}], SearchConfig(beam_size=2, max_length=4), src_lengths=[1, 30], default=never_eos)
+    hyps, _ = run([{}, {}], DecodingOptions(beam_size=2, max_length=4), src_lengths=[1, 30], default=never_eos)
     assert [len(h[0].tokens) for h in hyps] == [4, 4]
     assert hyps[0][0].log_prob == pytest.approx(4 * math.log(0.7) + math.log(0.1), rel=1e-6)
 
 
 def test_min_length_forbids_early_eos():
     table: Table = {(): {EOS: 0.6, A: 0.4}, (A,): {EOS: 0.5, A: 0.5}}
-    (hyps,), _ = run([table], SearchConfig(beam_size=1))
+    (hyps,), _ = run([table], DecodingOptions(beam_size=1))
     assert hyps[0].tokens == []
-    (hyps,), _ = run([table], SearchConfig(beam_size=1, min_length=2))
+    (hyps,), _ = run([table], DecodingOptions(beam_size=1, min_length=2))
     assert hyps[0].tokens == [A, A]
     assert hyps[0].log_prob == pytest.approx(math.log(0.4) + math.log(0.5), rel=1e-6)  # not renormalised
-    (hyps,), _ = run([table], SearchConfig(beam_size=3, n_best=3, min_length=1))
+    (hyps,), _ = run([table], DecodingOptions(beam_size=3, n_best=3, min_length=1))
     assert all(len(h.tokens) >= 1 for h in hyps)
     # A max length below min_length wins: EOS is forced after one token, with its true probability 0.5.
-    (hyps,), _ = run([table], SearchConfig(beam_size=1, min_length=3, max_length_offset=1), src_lengths=[0])
+    (hyps,), _ = run([table], DecodingOptions(beam_size=1, min_length=3, max_length_offset=1), src_lengths=[0])
     assert hyps[0].tokens == [A]
     assert hyps[0].log_prob == pytest.approx(math.log(0.4) + math.log(0.5), rel=1e-6)
 
@@ -238,7 +252,7 @@ def test_attention_follows_each_hypothesis_history():
     # The row of (B, A) is the one predicting EOS: it is dropped, one attention row per token.
     table: Table = {(): {A: 0.6, B: 0.4}, (A,): {A: 0.5, B: 0.5}, (B,): {A: 0.95, EOS: 0.05}}
     attention = {(): [0.7, 0.2, 0.1], (A,): [0.1, 0.8, 0.1], (B,): [0.2, 0.2, 0.6], (B, A): [0, 0, 1]}
-    config = SearchConfig(beam_size=2, n_best=2, return_attention=True)
+    config = DecodingOptions(beam_size=2, n_best=2, return_attention=True)
     (hyps,), step_fn = run([table], config, attention=attention)
     assert step_fn.calls[2].reorder == [1, 0] and step_fn.calls[2].tokens == [A, A]
     assert [h.tokens for h in hyps] == [[B, A], [A, A]]
@@ -247,7 +261,7 @@ def test_attention_follows_each_hypothesis_history():
     np.testing.assert_array_equal(hyps[0].attention, np.array([attention[()], attention[(B,)]], np.float32))
     np.testing.assert_array_equal(hyps[1].attention, np.array([attention[()], attention[(A,)]], np.float32))
 
-    (plain,), _ = run([table], SearchConfig(beam_size=2, n_best=2), attention=attention)
+    (plain,), _ = run([table], DecodingOptions(beam_size=2, n_best=2), attention=attention)
     assert all(h.attention is None for h in plain)
     assert summary(plain) == summary(hyps)
     (no_attention,), _ = run([table], config)  # requested, but the step function gives none
@@ -267,7 +281,7 @@ def test_attention_survives_a_step_function_that_reuses_its_buffer():
         buffer[: len(attn)] = attn
         return log_probs, buffer[: len(attn)]
 
-    config = SearchConfig(beam_size=2, return_attention=True)
+    config = DecodingOptions(beam_size=2, return_attention=True)
     (hyps,) = beam_search(reusing, [4], bos_id=BOS, eos_id=EOS, config=config)
     assert hyps[0].tokens == [A, B]
     np.testing.assert_array_equal(hyps[0].attention, np.array([attention[()], attention[(A,)]], np.float32))
@@ -277,13 +291,13 @@ def test_search_stops_once_no_live_beam_can_win():
     # After step 1, [A] (0.855) is finished; the best live beam has 0.1, and even divided by lp(max) it
     # cannot reach log(0.855) / lp(2). Without the bound the default (never EOS) would run 50 more steps.
     table: Table = {(): {A: 0.9, B: 0.1}, (A,): {EOS: 0.95, A: 0.05}}
-    (hyps,), step_fn = run([table], SearchConfig(beam_size=2), default={A: 0.5, B: 0.5})
+    (hyps,), step_fn = run([table], DecodingOptions(beam_size=2), default={A: 0.5, B: 0.5})
     assert hyps[0].tokens == [A]
     assert len(step_fn.calls) == 2
     # A live beam that can still win keeps the search going: with α = 1 and max length 3, [A] has the bound
     # log(0.5) / lp(4) > log(0.5) = the score of [], and indeed [A, A, A] (0.5, |Y| = 4) wins at the end.
     table = {(): {EOS: 0.5, A: 0.5}, (A,): {A: 1.0}, (A, A): {A: 1.0}, (A, A, A): {EOS: 1.0}}
-    (hyps,), step_fn = run([table], SearchConfig(beam_size=2, length_penalty=1.0, max_length=3))
+    (hyps,), step_fn = run([table], DecodingOptions(beam_size=2, length_penalty=1.0, max_length=3))
     assert len(step_fn.calls) == 4
     assert [h.tokens for h in hyps] == [[A, A, A]]
     assert hyps[0].score == pytest.approx(math.log(0.5) / lp(4, 1.0), rel=1e-6)
@@ -291,7 +305,7 @@ def test_search_stops_once_no_live_beam_can_win():
     # The bound divides by lp(max_length + 1), the forced EOS included: [A, A] (0.45, |Y| = 3) scores
     # log(0.45) / (8/6) = -0.599 > log(0.52) = -0.654, while log(0.45) / lp(2) = -0.684 would have stopped.
     table = {(): {EOS: 0.52, A: 0.45, B: 0.03}, (A,): {A: 1.0}, (A, A): {EOS: 1.0}}
-    (hyps,), step_fn = run([table], SearchConfig(beam_size=2, length_penalty=1.0, max_length=2))
+    (hyps,), step_fn = run([table], DecodingOptions(beam_size=2, length_penalty=1.0, max_length=2))
     assert len(step_fn.calls) == 3
     assert hyps[0].tokens == [A, A]
     assert hyps[0].score == pytest.approx(math.log(0.45) / lp(3, 1.0), rel=1e-6)
@@ -315,11 +329,11 @@ def test_exhaustive_search_agrees_with_enumeration():
             log_prob += math.log(table[prefix][EOS])
             expected.append((list(prefix), log_prob / lp(len(prefix) + 1, alpha)))
         expected.sort(key=lambda e: -e[1])
-        config = SearchConfig(beam_size=16, n_best=15, length_penalty=alpha, max_length=3)
+        config = DecodingOptions(beam_size=16, n_best=15, length_penalty=alpha, max_length=3)
         (hyps,), _ = run([table], config)
         assert [h.tokens for h in hyps] == [tokens for tokens, _ in expected]
         assert [h.score for h in hyps] == pytest.approx([score for _, score in expected], rel=1e-5)
-        (best,), _ = run([table], SearchConfig(beam_size=16, length_penalty=alpha, max_length=3))
+        (best,), _ = run([table], DecodingOptions(beam_size=16, length_penalty=alpha, max_length=3))
         assert best[0].tokens == expected[0][0]
 
 
@@ -345,7 +359,7 @@ def random_step(n_sentences: int, vocab: int):
     return step_fn, dist
 
 
-def reference_search(dist, max_len: int, config: SearchConfig) -> list[tuple[list[int], float]]:
+def reference_search(dist, max_len: int, config: DecodingOptions) -> list[tuple[list[int], float]]:
     """The same search written plainly, one sentence at a time, with Python sorts over every candidate."""
     k, alpha = config.beam_size, config.length_penalty
     beams: list[tuple[float, Prefix]] = [(0.0, ())]
@@ -380,7 +394,7 @@ def reference_search(dist, max_len: int, config: SearchConfig) -> list[tuple[lis
 @pytest.mark.parametrize(("beam_size", "n_best", "alpha"), [(1, 1, 0.6), (3, 2, 0.6), (5, 5, 1.0), (4, 1, 0.0)])
 def test_matches_a_plain_reference_search_on_a_large_random_vocabulary(beam_size, n_best, alpha):
     src_lengths = [3, 1, 6]
-    config = SearchConfig(beam_size=beam_size, n_best=n_best, length_penalty=alpha, max_length_offset=4)
+    config = DecodingOptions(beam_size=beam_size, n_best=n_best, length_penalty=alpha, max_length_offset=4)
     step_fn, dist = random_step(len(src_lengths), vocab=500)
     hyps = beam_search(step_fn, src_lengths, bos_id=BOS, eos_id=EOS, config=config)
     for sentence, src_length in enumerate(src_lengths):
@@ -407,7 +421,7 @@ def test_matches_a_plain_reference_search_on_a_large_random_vocabulary(beam_size
 )
 def test_invalid_config_names_the_field(changes, field_name):
     with pytest.raises(ValueError, match=field_name):
-        SearchConfig(**changes)
+        DecodingOptions(**changes)
 
 
 def test_invalid_inputs_and_step_outputs_raise():
@@ -428,7 +442,7 @@ def test_invalid_inputs_and_step_outputs_raise():
 
     for beam_size in (1, 4):  # the partition path (2K < V) and the take-everything path
         with pytest.raises(ValueError, match="NaN"):
-            beam_search(nan, [3], bos_id=BOS, eos_id=EOS, config=SearchConfig(beam_size=beam_size))
+            beam_search(nan, [3], bos_id=BOS, eos_id=EOS, config=DecodingOptions(beam_size=beam_size))
 
 
 class _Prefers:
@@ -447,12 +461,34 @@ class _Prefers:
 
 @pytest.mark.parametrize("favourite", [0, 2])  # PAD, BOS
 def test_pad_and_bos_are_never_generated(favourite: int) -> None:
-    cfg = SearchConfig(beam_size=1, max_length=3)
+    cfg = DecodingOptions(beam_size=1, max_length=3)
     [[hyp]] = beam_search(_Prefers(favourite), [1], bos_id=2, eos_id=3, pad_id=0, config=cfg)
     assert hyp.tokens == [4, 4, 4]
 
 
 def test_max_positions_caps_the_output_length() -> None:
     # Source length 10 + offset 50 would allow 60 tokens; a 9-position table leaves room for 8 and the EOS.
-    [[hyp]] = beam_search(_Prefers(4), [10], bos_id=2, eos_id=3, config=SearchConfig(beam_size=1), max_positions=9)
+    [[hyp]] = beam_search(_Prefers(4), [10], bos_id=2, eos_id=3, config=DecodingOptions(beam_size=1), max_positions=9)
     assert hyp.tokens == [4] * 8
+
+
+def test_the_search_asks_each_row_for_2k_candidates_plus_the_banned_tokens() -> None:
+    asked: list[int] = []
+    inner = FullTableStep(_Prefers(4), eos_id=3)
+
+    def recording(tokens, step, reorder, k) -> StepOutput:
+        asked.append(k)
+        return inner(tokens, step, reorder, k)
+
+    config = DecodingOptions(beam_size=3, min_length=1, max_length=3)
+    candidate_beam_search(recording, [2], bos_id=2, eos_id=3, pad_id=0, config=config)
+    assert asked[0] == 2 * 3 + 3  # BOS, PAD and (before min_length) EOS are dropped from each row's list
+    assert set(asked[1:]) == {2 * 3 + 2}
+
+
+def test_top_k_rows_is_best_first_with_ties_in_id_order() -> None:
+    log_probs = np.array([[-1.0, -0.5, -0.5, -3.0, -0.1], [-2.0, -2.0, -2.0, -2.0, -2.0]], dtype=np.float32)
+    scores, ids = top_k_rows(log_probs, 3)
+    assert ids.tolist() == [[4, 1, 2], [0, 1, 2]]
+    assert scores.tolist() == [[np.float32(-0.1), -0.5, -0.5], [-2.0, -2.0, -2.0]]
+    assert top_k_rows(log_probs, 9)[1].shape == (2, 5)  # k above V: the whole row

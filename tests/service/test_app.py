@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from model.decoding import DecodingOptions
 from service import translate as translate_module
 from service.app import create_app
-from service.engine import DecodeOptions, Engine
+from service.engine import Engine
 from service.settings import Settings, get_settings
 
 
@@ -92,7 +93,7 @@ def test_settings_read_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_request_timeout_answers_503(served_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     translate_batch = Engine.translate_batch
 
-    def stalling(self: Engine, sources: list[list[int]], options: DecodeOptions) -> list:
+    def stalling(self: Engine, sources: list[list[int]], options: DecodingOptions) -> list:
         if any(len(source) > 10 for source in sources):
             time.sleep(1.0)
         return translate_batch(self, sources, options)

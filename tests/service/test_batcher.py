@@ -8,9 +8,10 @@ from collections.abc import Sequence
 
 import pytest
 
+from model.decoding import DecodingOptions
 from service import batcher as batcher_module
 from service.batcher import Batcher, BatchFailed, BatchLimits, QueueFull, TooManySentences
-from service.engine import Candidate, DecodeOptions, SentenceResult
+from service.engine import Candidate, SentenceResult
 from service.metrics import Metrics
 
 BAD = 99  # a token the stand-in engine fails on
@@ -26,7 +27,7 @@ class FakeEngine:
         self.hold = threading.Event()
         self.hold.set()
 
-    def translate_batch(self, sources: Sequence[Sequence[int]], options: DecodeOptions) -> list[SentenceResult]:
+    def translate_batch(self, sources: Sequence[Sequence[int]], options: DecodingOptions) -> list[SentenceResult]:
         self.hold.wait(10)
         self.calls.append([list(s) for s in sources])
         if any(BAD in s for s in sources):
@@ -56,8 +57,8 @@ def texts(results: list[SentenceResult]) -> list[str]:
 def test_a_request_larger_than_the_queue_is_refused_but_one_that_fits_an_empty_queue_is_not() -> None:
     async def go(batcher: Batcher):
         with pytest.raises(TooManySentences, match=r"5 sentences.*MT_QUEUE_SIZE=4.*split the request"):
-            await batcher.translate([[1]] * 5, DecodeOptions())
-        return await batcher.translate([[1], [2], [3], [4]], DecodeOptions())
+            await batcher.translate([[1]] * 5, DecodingOptions())
+        return await batcher.translate([[1], [2], [3], [4]], DecodingOptions())
 
     assert texts(run(go, FakeEngine(), queue_size=4)) == ["1", "2", "3", "4"]
 
@@ -67,15 +68,15 @@ def test_a_request_that_would_overfill_the_queue_gets_queue_full() -> None:
 
     async def go(batcher: Batcher):
         engine.hold.clear()
-        busy = asyncio.ensure_future(batcher.translate([[1]], DecodeOptions()))  # holds the engine
+        busy = asyncio.ensure_future(batcher.translate([[1]], DecodingOptions()))  # holds the engine
         while not engine.calls and batcher.depth:
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.05)
-        waiting = asyncio.ensure_future(batcher.translate([[2], [3]], DecodeOptions()))
+        waiting = asyncio.ensure_future(batcher.translate([[2], [3]], DecodingOptions()))
         await asyncio.sleep(0.01)
         assert batcher.depth == 2
         with pytest.raises(QueueFull, match="MT_QUEUE_SIZE=3"):
-            await batcher.translate([[4], [5]], DecodeOptions())
+            await batcher.translate([[4], [5]], DecodingOptions())
         engine.hold.set()
         return await busy, await waiting
 
@@ -98,7 +99,7 @@ def test_a_big_request_is_queued_in_chunks_and_answered_in_order(monkeypatch: py
         task = asyncio.ensure_future(ticker())
         await asyncio.sleep(0)
         try:
-            return await batcher.translate(sources, DecodeOptions())
+            return await batcher.translate(sources, DecodingOptions())
         finally:
             task.cancel()
 
@@ -112,8 +113,8 @@ def test_a_failing_batch_is_retried_per_request_so_only_the_culprit_fails() -> N
 
     async def go(batcher: Batcher):
         return await asyncio.gather(
-            batcher.translate([[BAD]], DecodeOptions(), "culprit"),
-            batcher.translate([[1], [2, 3]], DecodeOptions(), "innocent"),
+            batcher.translate([[BAD]], DecodingOptions(), "culprit"),
+            batcher.translate([[1], [2, 3]], DecodingOptions(), "innocent"),
             return_exceptions=True,
         )
 
@@ -129,8 +130,8 @@ def test_the_remaining_batches_of_a_failed_request_are_not_decoded() -> None:
 
     async def go(batcher: Batcher):
         with pytest.raises(BatchFailed):
-            await batcher.translate([[BAD], [1], [2], [3]], DecodeOptions())
-        after = await batcher.translate([[4]], DecodeOptions())
+            await batcher.translate([[BAD], [1], [2], [3]], DecodingOptions())
+        after = await batcher.translate([[4]], DecodingOptions())
         assert batcher.depth == 0
         return after
 

@@ -10,7 +10,8 @@ import pytest
 from helpers import COPY_TASK, toy_pairs
 from live_server import Server
 
-from service.engine import DecodeOptions, Engine
+from model.decoding import DecodingOptions
+from service.engine import Engine
 
 FORWARD = {"source": "src", "target": "tgt"}
 
@@ -154,7 +155,7 @@ def test_translation_does_not_depend_on_the_batch(server: Server, served_model_d
     batches mix requests and lengths): at most 1% differ, and only by float ties."""
     sources = [s for s, _ in toy_pairs(300, "copy", seed=11, n_words=COPY_TASK["n_words"], lengths=(1, 12))]
     engine = Engine.load(served_model_dir, device="cpu", variant="fp32", threads=1)
-    options = DecodeOptions(beam_size=4)
+    options = DecodingOptions(beam_size=4)
     alone = [engine.translate_batch(engine.encode([s]), options)[0].candidates[0] for s in sources]
 
     async def run() -> list[httpx.Response]:

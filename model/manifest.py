@@ -1,0 +1,118 @@
+"""Reading MODEL_DIR/onnx/manifest.json, and the one start-up check of a model dir before serving it (no torch).
+
+``export.manifest`` writes the manifest; this side reads it: which variants exist, which one to load, and
+whether the files are still the ones that were validated (sha256). A file's hash is taken once per process
+and remembered by (path, size, mtime), so mt-serve's check before binding the port, the engine's load and
+the client's local mode do not re-hash the same graphs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from model.model_dir import ModelDirError, ModelInfo, read_model_dir
+from model.signature import VARIANTS
+from model.tokenizer import Tokenizer
+
+MANIFEST = "manifest.json"
+_verified: dict[tuple[str, int, int], str] = {}  # (resolved path, size, mtime_ns) -> sha256
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of ``path``, hashed once per process for as long as its size and mtime stay the same."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _verified:
+        _verified[key] = sha256(path)
+    return _verified[key]
+
+
+def read_manifest(onnx_dir: Path) -> dict[str, Any]:
+    return json.loads((onnx_dir / MANIFEST).read_text(encoding="utf-8"))
+
+
+def changed_files(onnx_dir: Path, manifest: dict[str, Any], names: set[str] | None = None) -> list[str]:
+    """Files listed in the manifest (or only ``names`` of them) that are missing or whose sha256 differs."""
+    return [
+        name
+        for name, entry in manifest["files"].items()
+        if (names is None or name in names)
+        and (not (onnx_dir / name).is_file() or file_sha256(onnx_dir / name) != entry["sha256"])
+    ]
+
+
+def resolve_variant(manifest: dict, variant: str, device: str) -> str:
+    """``auto`` → fp16 on CUDA if the manifest recommends it, else fp32.
+
+    int8 is never chosen automatically: dynamic quantization scales each activation tensor by the range
+    of the whole batch, so a sentence's int8 translation depends on what it was batched with, which the
+    API promises it does not (MT_VARIANT=int8 opts in, for speed).
+    """
+    variants = manifest.get("variants", {})
+    if variant != "auto":
+        return variant
+    if device != "cuda":
+        return "fp32"
+    preferred = "fp16"
+    return preferred if variants.get(preferred, {}).get("recommended") else "fp32"
+
+
+@dataclass(frozen=True)
+class ModelCheck:
+    """A model dir that passed :func:`check_model_dir`: what to load, and the tokenizer already loaded."""
+
+    info: ModelInfo
+    manifest: dict
+    variant: str
+    tokenizer: Tokenizer
+
+
+def check_model_dir(path: str | Path, variant: str = "auto", device: str = "cpu") -> ModelCheck:
+    """Check everything needed to serve ``path`` before loading graphs; raises ModelDirError naming the file."""
+    info = read_model_dir(path)
+    try:
+        tokenizer = Tokenizer(info.tokenizer_file)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise ModelDirError(f"{info.tokenizer_file} is not a usable SentencePiece model ({e})") from e
+    if tokenizer.vocab_size != info.config.vocab_size:
+        raise ModelDirError(
+            f"{info.tokenizer_file} has {tokenizer.vocab_size} pieces but {info.path / 'model.json'} says "
+            f"vocab_size {info.config.vocab_size}: the directory mixes files from different runs"
+        )
+    onnx_dir = info.path / "onnx"
+    manifest_path = onnx_dir / MANIFEST
+    if not manifest_path.is_file():
+        raise ModelDirError(
+            f"{manifest_path} is missing: export the model first with `mt-export {info.path}` "
+            "(`make serve` does this for you)"
+        )
+    try:
+        manifest = read_manifest(onnx_dir)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelDirError(f"{manifest_path} is not valid JSON ({e}): re-run `mt-export --force {info.path}`") from e
+    chosen = resolve_variant(manifest, variant, device)
+    if chosen not in manifest.get("variants", {}):
+        flag = "" if chosen == "fp32" else f" --{chosen}"
+        raise ModelDirError(
+            f"{manifest_path} has no {chosen!r} variant (it has {sorted(manifest.get('variants', {}))}): "
+            f"re-run `mt-export --force{flag} {info.path}` or choose another MT_VARIANT"
+        )
+    broken = changed_files(onnx_dir, manifest, set(VARIANTS[chosen][:2]))
+    if broken:
+        raise ModelDirError(
+            f"{', '.join(str(onnx_dir / name) for name in broken)}: missing or changed since export "
+            f"(sha256 differs from {manifest_path}): re-run `mt-export --force {info.path}`"
+        )
+    return ModelCheck(info, manifest, chosen, tokenizer)
