@@ -42,3 +42,15 @@ def compose() -> list[str]:
         "no compose parser: install the docker compose plugin or Debian's `docker-compose` "
         "(apt-get install docker-compose)"
     )
+
+
+@pytest.fixture(scope="session")
+def kubectl() -> str:
+    """kubectl, for `kubectl kustomize` (offline: it renders, it never talks to a cluster)."""
+    tool = find_tool("kubectl")
+    if tool is None:
+        pytest.skip(
+            "kubectl is not installed: Debian's `apt-get install kubernetes-client` (`make system-tools`) "
+            "or any kubectl >= 1.20"
+        )
+    return tool
