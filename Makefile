@@ -42,11 +42,14 @@ serve: install
 	@if [ ! -f "$(MODEL)/onnx/manifest.json" ]; then $(BIN)/mt-export $(MODEL); fi
 	$(BIN)/mt-serve --model $(MODEL) --host $(HOST) --port $(PORT)
 
-# System tools some tests use (Debian/Ubuntu, as root): a compose parser for docker/compose.yaml and
-# Chromium for the browser test of the demo page. Without them those tests skip and say why.
+# System tools some tests use (Debian/Ubuntu, as root): a compose parser for docker/compose.yaml,
+# Chromium for the browser test of the demo page and kubectl (`kubectl kustomize`) for docker/k8s/. Without
+# them those tests skip and say why.
 system-tools:
 	@command -v docker-compose >/dev/null && command -v chromium >/dev/null || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose chromium >/dev/null)
+	@command -v kubectl >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client >/dev/null)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
