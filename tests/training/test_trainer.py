@@ -233,29 +233,32 @@ def test_noam_schedule_peaks_at_warmup() -> None:
     assert noam_lr(16000, 512, 4000, scale=2.0) == pytest.approx(2 * 512**-0.5 * 16000**-0.5)
 
 
-def test_ddp_two_cpu_processes_write_the_same_model_dir_shape(toy_dir: Path, tmp_path: Path) -> None:
+def test_ddp_two_ranks_equal_one_process_with_accumulation_two(toy_dir: Path, tmp_path: Path) -> None:
+    """Rank r of 2 takes batches r, r + 2, ...; one process with accum_steps 2 takes the same two batches per
+    step, and both normalise by the step's total target tokens, so they must compute the same gradients.
+
+    Adam's update hardly depends on the gradient's scale, so the check is on its moments, which do: a
+    normalisation off by the world size would show there even where the weights barely differ."""
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     assert torchrun, "torchrun ships with torch"
     single, double = tmp_path / "one", tmp_path / "two"
-    assert mt_train(toy_args(toy_dir, single, "train.max_steps=10")) == 0
-    cmd = [
-        torchrun,
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "training.cli",
-        *toy_args(toy_dir, double, "train.max_steps=10"),
-    ]
+    common = ("train.max_steps=3", "train.eval_every=3", "train.save_every=1", "model.dropout=0.0")
+    assert mt_train(toy_args(toy_dir, single, *common, "train.accum_steps=2")) == 0
+    cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "training.cli", *toy_args(toy_dir, double, *common)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     meta_one = json.loads((single / "model.json").read_text())
     meta_two = json.loads((double / "model.json").read_text())
     assert meta_two["training"]["world_size"] == 2 and meta_one["training"]["world_size"] == 1
-    assert meta_two["model"] == meta_one["model"]
-    one, _ = load_model(single)
-    two, _ = load_model(double)
-    assert {k: v.shape for k, v in one.state_dict().items()} == {k: v.shape for k, v in two.state_dict().items()}
-    # Each rank saw its own half of every step's batches, so the runs differ but both trained.
-    assert meta_two["training"]["tokens_seen"] > 0
-    assert not torch.equal(one.embed.weight, two.embed.weight)
+    assert meta_two["training"]["tokens_seen"] * 2 == pytest.approx(meta_one["training"]["tokens_seen"], rel=0.3)
+    # After step 1 the moments are a function of the initial weights and the first two batches only (later
+    # steps compound Adam's early, nearly sign-like updates, so float noise grows there).
+    one = load_checkpoint(single / "checkpoints" / "step_0000001.pt")
+    two = load_checkpoint(double / "checkpoints" / "step_0000001.pt")
+    for i, state in one["optimizer"]["state"].items():
+        for name in ("exp_avg", "exp_avg_sq"):
+            a, b = state[name], two["optimizer"]["state"][i][name]
+            assert torch.allclose(a, b, rtol=1e-3, atol=1e-3 * float(a.abs().max())), (i, name)
+    for name, value in one["model"].items():
+        assert torch.allclose(value, two["model"][name], atol=1e-5), name
