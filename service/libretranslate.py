@@ -25,7 +25,7 @@ from service import markup
 from service import translate as translation
 from service.api import RegistryDep, SettingsDep, _until_disconnect
 from service.auth import authorize, charge_chars
-from service.langdetect import Detected, Detector, UndetectableLanguage, detector_for
+from service.langdetect import Detected, UndetectableLanguage, detector_for
 from service.logs import request_id_var
 from service.registry import AmbiguousPair, Registry, ServedModel, UnknownPair
 from service.schemas import MAX_BEAM, TranslateRequest
@@ -70,6 +70,7 @@ class DetectRequest(BaseModel):
     api_key: str | None = None
 
 
+Result = tuple[str, list[str]]  # a translation and its alternatives
 TRANSLATE_EXAMPLE = {"q": "Ein Mann fährt Fahrrad.", "source": "auto", "target": "en", "format": "text"}
 
 
@@ -106,9 +107,11 @@ def _parse(model: type[BaseModel], fields: dict[str, Any]) -> Any:
         raise LibreError(400, f"Invalid request: {problems}") from None
 
 
-async def detect(registry: Registry, text: str) -> Detected:
-    try:  # lingua's models load on first use: off the event loop
-        return await asyncio.to_thread(detector_for(tuple(registry.sources)).detect, text)
+async def detect(registry: Registry, texts: list[str]) -> list[Detected]:
+    """Each text's language among the served sources (lingua's models load on first use: off the event loop)."""
+    detector = detector_for(tuple(registry.sources))
+    try:
+        return await asyncio.to_thread(lambda: [detector.detect(text) for text in texts])
     except UndetectableLanguage as error:
         raise LibreError(400, str(error)) from None
 
@@ -127,76 +130,75 @@ def _resolve(registry: Registry, source: str, target: str) -> ServedModel:
         raise LibreError(400, str(error)) from None
 
 
-async def _translate(
-    texts: list[str], served: ServedModel, settings: Settings, n_best: int, attention: bool = False
-) -> list[markup.Translated | tuple[str, list[str]]]:
-    """Our own translate path for one model: (best, next best texts) per text, or with ``attention`` the best
-    and its word alignment (for placing markup)."""
+def _request(texts: list[str], n_best: int = 1, attention: bool = False) -> TranslateRequest:
+    return TranslateRequest(text=texts, beam_size=max(4, n_best), n_best=n_best, return_attention=attention)
+
+
+async def _translate_texts(texts: list[str], served: ServedModel, settings: Settings, n_best: int) -> list[Result]:
+    """Our own translate path for one model: each text's best translation and the next best ones."""
     if not texts:
         return []
-    body = TranslateRequest(
-        text=texts, beam_size=max(4, n_best), n_best=n_best, return_attention=attention, source=None, target=None
-    )
-    if attention:
-        settings = settings.model_copy(
-            update={"max_attention_cells": settings.max_attention_cells * HTML_ATTENTION_FACTOR}
-        )
-    try:
-        response = await translation.translate(body, served, settings, request_id_var.get())
-    except translation.BadOption as error:
-        raise LibreError(400, str(error)) from None
-    if attention:
-        return [
-            markup.Translated(t.text, [tuple(pair) for pair in t.attention.alignment] if t.attention else None)
-            for t in response.translations
-        ]
+    response = await translation.translate(_request(texts, n_best), served, settings, request_id_var.get())
     return [(t.text, [a.text for a in t.alternatives or []]) for t in response.translations]
 
 
-async def _translate_html(documents: list[str], served: ServedModel, settings: Settings) -> list[str]:
-    """Each document's text segments translated (with word alignment where inline tags need placing)."""
+async def _translate_aligned(texts: list[str], served: ServedModel, settings: Settings) -> list[markup.Translated]:
+    """The best translations with their word alignments (for placing inline tags). The attention stays in the
+    server, so it may take HTML_ATTENTION_FACTOR times what a /v1 response may return."""
+    if not texts:
+        return []
+    cells = settings.max_attention_cells * HTML_ATTENTION_FACTOR
+    settings = settings.model_copy(update={"max_attention_cells": cells})
+    response = await translation.translate(_request(texts, attention=True), served, settings, request_id_var.get())
+    return [
+        markup.Translated(t.text, [(s, t_) for s, t_ in t.attention.alignment] if t.attention else None)
+        for t in response.translations
+    ]
+
+
+async def _translate_html(documents: list[str], served: ServedModel, settings: Settings) -> list[Result]:
+    """Each document's text segments translated (with word alignments where inline tags need placing)."""
     parsed = [markup.parse(doc) for doc in documents]
     segments = [(d, i) for d, doc in enumerate(parsed) for i in range(len(doc.segments))]
     tagged = [(d, i) for d, i in segments if parsed[d].with_markup[i]]
     plain = [(d, i) for d, i in segments if not parsed[d].with_markup[i]]
     with_tags, without = await asyncio.gather(
-        _translate([parsed[d].texts[i] for d, i in tagged], served, settings, 1, attention=True),
-        _translate([parsed[d].texts[i] for d, i in plain], served, settings, 1),
+        _translate_aligned([parsed[d].texts[i] for d, i in tagged], served, settings),
+        _translate_texts([parsed[d].texts[i] for d, i in plain], served, settings, 1),
     )
-    done: dict[tuple[int, int], markup.Translated] = dict(zip(tagged, with_tags, strict=True))  # type: ignore[arg-type]
-    done |= {key: markup.Translated(text) for key, (text, _) in zip(plain, without, strict=True)}  # type: ignore[misc]
-    return [doc.render([done[(d, i)] for i in range(len(doc.segments))]) for d, doc in enumerate(parsed)]
+    done = dict(zip(tagged, with_tags, strict=True))
+    done |= {key: markup.Translated(text) for key, (text, _) in zip(plain, without, strict=True)}
+    return [(doc.render([done[(d, i)] for i in range(len(doc.segments))]), []) for d, doc in enumerate(parsed)]
 
 
-async def _translate_all(body: LibreTranslateRequest, request: Request, registry: Registry, settings: Settings):
+async def _translate_all(
+    body: LibreTranslateRequest, request: Request, registry: Registry, settings: Settings
+) -> dict[str, Any]:
+    """Check the key and the limits, detect the languages if asked, translate each model's texts at once."""
+    caller = authorize(request, body.api_key)
     texts = [body.q] if isinstance(body.q, str) else list(body.q)
     if not texts:
         raise LibreError(400, "Invalid request: q is an empty list; send at least one text")
-    detected: list[Detected] | None = None
-    if body.source.strip().lower() == "auto":
-        detected = [await detect(registry, text) for text in texts]
-        sources = [d.language for d in detected]
-    else:
-        sources = [body.source] * len(texts)
-    pairs = [_resolve(registry, source, body.target).pair for source in sources]
-    caller = authorize(request, body.api_key)
     n_best = body.alternatives + 1
-    groups = {pair: [text for text, p in zip(texts, pairs, strict=True) if p == pair] for pair in pairs}
-    for pair, group in groups.items():  # MT_MAX_ITEMS, MT_MAX_CHARS and the beam, as on /v1
-        limits = TranslateRequest(text=group if isinstance(body.q, list) else group[0], beam_size=max(4, n_best))
-        translation.check_limits(limits, settings, registry.models[pair])
+    any_model = next(iter(registry.models.values()))  # MT_MAX_ITEMS, MT_MAX_CHARS and the beam, as on /v1
+    translation.check_limits(_request(texts if isinstance(body.q, list) else texts[0], n_best), settings, any_model)
+    auto = body.source.strip().lower() == "auto"
+    detected = await detect(registry, texts) if auto else None
+    sources = [d.language for d in detected] if detected else [body.source] * len(texts)
+    pairs = [_resolve(registry, source, body.target).pair for source in sources]
     charge_chars(request, caller, sum(len(text) for text in texts))
 
-    async def run(pair: tuple[str, str]) -> list[tuple[str, list[str]]]:
-        served = registry.models[pair]
+    groups = {pair: [text for text, p in zip(texts, pairs, strict=True) if p == pair] for pair in pairs}
+
+    async def run(pair: tuple[str, str]) -> list[Result]:
         if body.format == "html":
-            return [(text, []) for text in await _translate_html(groups[pair], served, settings)]
-        return await _translate(groups[pair], served, settings, n_best)  # type: ignore[return-value]
+            return await _translate_html(groups[pair], registry.models[pair], settings)
+        return await _translate_texts(groups[pair], registry.models[pair], settings, n_best)
 
     per_pair = dict(zip(groups, await asyncio.gather(*(run(pair) for pair in groups)), strict=True))
-    results = [per_pair[pair].pop(0) for pair in pairs]
     items = []
-    for k, (text, alternatives) in enumerate(results):
+    for k, pair in enumerate(pairs):
+        text, alternatives = per_pair[pair].pop(0)
         item: dict[str, Any] = {"translatedText": text}
         if body.alternatives:
             item["alternatives"] = alternatives
@@ -205,11 +207,7 @@ async def _translate_all(body: LibreTranslateRequest, request: Request, registry
         items.append(item)
     if isinstance(body.q, str):
         return items[0]
-    merged: dict[str, Any] = {"translatedText": [item["translatedText"] for item in items]}
-    for key in ("alternatives", "detectedLanguage"):
-        if key in items[0]:
-            merged[key] = [item[key] for item in items]
-    return merged
+    return {key: [item[key] for item in items] for key in items[0]}
 
 
 @router.post(
@@ -266,16 +264,17 @@ async def detect_language(request: Request, registry: RegistryDep) -> Any:
     body = _parse(DetectRequest, await read_fields(request))
     authorize(request, body.api_key)
     texts = [body.q] if isinstance(body.q, str) else body.q
-    answers = await _detect_all(detector_for(tuple(registry.sources)), registry, texts)
+    answers = await _detect_all(registry, texts)
     return answers[0] if isinstance(body.q, str) else answers
 
 
-async def _detect_all(detector: Detector, registry: Registry, texts: list[str]) -> list[list[dict[str, Any]]]:
+async def _detect_all(registry: Registry, texts: list[str]) -> list[list[dict[str, Any]]]:
+    detector = detector_for(tuple(registry.sources))
+    candidates = await asyncio.to_thread(lambda: [detector.candidates(text) for text in texts])
     answers = []
-    for text in texts:
-        found = await asyncio.to_thread(detector.candidates, text)
-        if not found or found[0].confidence == 0:
-            found = [await detect(registry, text)]
+    for text, found in zip(texts, candidates, strict=True):
+        if not found or found[0].confidence == 0:  # nothing lingua knows fits: the one served source, or 400
+            found = await detect(registry, [text])
         answers.append([{"confidence": round(d.confidence * 100, 2), "language": d.language} for d in found])
     return answers
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -60,3 +61,14 @@ def test_cors_origins_are_allowed_when_configured() -> None:
     assert "access-control-allow-origin" not in other.headers
     live = client.get("/health/live", headers={"Origin": "https://example.org"})
     assert live.headers["access-control-allow-origin"] == "https://example.org"
+
+
+def test_make_serve_installs_only_serving_extras_and_takes_several_models() -> None:
+    root = Path(__file__).parents[2]
+    result = subprocess.run(
+        ["make", "-n", "-B", "serve", "MODELS=models/a models/b"], cwd=root, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    installs = [line for line in result.stdout.splitlines() if "pip install" in line and " -e " in line]
+    assert installs and all('-e ".[serve,export]"' in line for line in installs), installs
+    assert "--model models/a --model models/b" in result.stdout
