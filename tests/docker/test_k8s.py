@@ -28,9 +28,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from export.cli import main as mt_export
 from service import cli as serve_cli
-from service.app import create_app
+from service.app import app_settings, create_app
 from service.client import parse_args as translate_args
-from service.settings import Settings
+from service.settings import Settings, unknown_variables
 
 kubernetes_validate = pytest.importorskip(
     "kubernetes_validate", reason="kubernetes-validate is not installed: `pip install kubernetes-validate` (dev extra)"
@@ -190,8 +190,7 @@ def test_pods_run_as_the_images_user_from_pinned_images(kubectl: str, name: str)
 @pytest.mark.parametrize("name", SERVING)
 def test_manifest_settings_are_the_services_settings(kubectl: str, name: str, monkeypatch) -> None:
     env = pod_env(render(kubectl, name))
-    unknown = {key for key in env if key.removeprefix("MT_").lower() not in Settings.model_fields}
-    assert not unknown, f"not settings of the service (service/settings.py), so ignored: {sorted(unknown)}"
+    assert not unknown_variables(env), "not settings of the service (service/settings.py), so ignored"
     settings = settings_from(env, monkeypatch)
     assert settings.device == KUSTOMIZATIONS[name] and settings.host == "0.0.0.0"
     container = server_container(render(kubectl, name))
@@ -290,6 +289,15 @@ def probes(container: dict) -> dict[str, str]:
     return out
 
 
+def wait_started(client: TestClient, container: dict) -> None:
+    """Until the startup probe's path answers 200, as the kubelet asks it; fails past the probe's budget."""
+    probe = container["startupProbe"]
+    deadline = time.monotonic() + probe["periodSeconds"] * probe["failureThreshold"]
+    while client.get(probe["httpGet"]["path"]).status_code != 200:
+        assert time.monotonic() < deadline, "the model did not load within the startup probe's budget"
+        time.sleep(0.05)
+
+
 def test_probes_answer_as_the_pod_expects(kubectl: str, unready_client: TestClient, pod_client: TestClient) -> None:
     """Without a key (the kubelet sends none, API keys are on): liveness answers while the model loads and
     startup/readiness don't; once loaded, all three answer 200, within the startup probe's budget."""
@@ -298,20 +306,18 @@ def test_probes_answer_as_the_pod_expects(kubectl: str, unready_client: TestClie
     startup, ready, live = (paths[kind].pop() for kind in PROBES)
     assert unready_client.get(live).status_code == 200
     assert unready_client.get(startup).status_code == 503 and unready_client.get(ready).status_code == 503
-    probe = server_container(render(kubectl, "cpu"))["startupProbe"]
-    deadline = time.monotonic() + probe["periodSeconds"] * probe["failureThreshold"]
-    while pod_client.get(startup).status_code != 200:
-        assert time.monotonic() < deadline, "the model did not load within the startup probe's budget"
-        time.sleep(0.05)
-    assert pod_client.get(ready).status_code == 200 and pod_client.get(live).status_code == 200
+    wait_started(pod_client, server_container(render(kubectl, "cpu")))
+    assert (
+        pod_client.get(startup).status_code == 200
+        and pod_client.get(ready).status_code == 200
+        and pod_client.get(live).status_code == 200
+    )
     assert pod_client.post("/v1/translate", json={"text": "w01"}).status_code == 401  # the keys are on
 
 
 def test_the_hpa_scales_on_a_gauge_that_metrics_exports(kubectl: str, pod_client: TestClient) -> None:
     """The HPA's pod metric, as the adapter serves it, is a per-model gauge on /metrics (scraped without a key)."""
-    probe = server_container(render(kubectl, "cpu"))["readinessProbe"]["httpGet"]["path"]
-    while pod_client.get(probe).status_code != 200:
-        time.sleep(0.05)
+    wait_started(pod_client, server_container(render(kubectl, "cpu")))
     headers = {"Authorization": f"Bearer {API_KEY}"}
     translated = pod_client.post("/v1/translate", json={"text": "w01 w02", "beam_size": 1}, headers=headers)
     assert translated.status_code == 200
@@ -336,33 +342,28 @@ def test_the_hpa_scales_on_a_gauge_that_metrics_exports(kubectl: str, pod_client
     assert any(metric["type"] == "Resource" and metric["resource"]["name"] == "cpu" for metric in hpa_metrics)
 
 
-def test_the_ingress_routes_the_client_routes_but_not_metrics(kubectl: str, tmp_path: Path, monkeypatch) -> None:
+def test_the_ingress_routes_the_client_routes_but_not_metrics(kubectl: str, unready_client: TestClient) -> None:
     """Every route of the OpenAPI schema, and every same-site asset the HTML pages load, is exposed; /metrics
     (model names, traffic) stays inside the cluster."""
     ingress = one(render(kubectl, "cpu"), "Ingress")
-    env = local_pod_env(render(kubectl, "cpu"), tmp_path, MT_MODELS=str(tmp_path / "no-model"))
-    with TestClient(create_app(settings_from(env, monkeypatch))) as client:
-        paths = set(client.get("/openapi.json").json()["paths"])
-        for page in ("/", "/docs", "/redoc"):
-            html = client.get(page)
-            assert html.status_code == 200 and covered(page, ingress)
-            assets = re.findall(r"(?:src|href)=[\"'](/[^\"'?#]*)", html.text)
-            paths |= {asset for asset in assets if client.get(asset).status_code == 200}
+    paths = set(unready_client.get("/openapi.json").json()["paths"])
+    for page in ("/", "/docs", "/redoc"):
+        html = unready_client.get(page)
+        assert html.status_code == 200 and covered(page, ingress)
+        assets = re.findall(r"(?:src|href)=[\"'](/[^\"'?#]*)", html.text)
+        paths |= {asset for asset in assets if unready_client.get(asset).status_code == 200}
     assert "/metrics" in paths and not covered("/metrics", ingress)
     hidden = sorted(path for path in paths - {"/metrics"} if not covered(path, ingress))
     assert not hidden, f"add these to docker/k8s/base/ingress.yaml: {hidden}"
 
 
-def test_the_ingress_lets_the_service_answer_for_itself(kubectl: str, tmp_path: Path, monkeypatch) -> None:
+def test_the_ingress_lets_the_service_answer_for_itself(kubectl: str, unready_client: TestClient) -> None:
     """A body at the Ingress's size limit reaches the app and gets its 413 that says what to change (not nginx's
     bare page), and nginx waits longer for an answer than the service's own request timeout."""
-    objects = render(kubectl, "cpu")
-    annotations = one(objects, "Ingress")["metadata"]["annotations"]
-    env = local_pod_env(objects, tmp_path, MT_MODELS=str(tmp_path / "no-model"))
-    settings = settings_from(env, monkeypatch)
-    with TestClient(create_app(settings)) as client:
-        body = b"x" * nginx_bytes(annotations["nginx.ingress.kubernetes.io/proxy-body-size"])
-        response = client.post("/v1/translate", content=body, headers={"Content-Type": "application/json"})
+    annotations = one(render(kubectl, "cpu"), "Ingress")["metadata"]["annotations"]
+    settings = app_settings(unready_client.app)
+    body = b"x" * nginx_bytes(annotations["nginx.ingress.kubernetes.io/proxy-body-size"])
+    response = unready_client.post("/v1/translate", content=body, headers={"Content-Type": "application/json"})
     assert response.status_code == 413 and "send fewer or shorter texts" in response.json()["detail"]
     for timeout in ("proxy-read-timeout", "proxy-send-timeout"):
         assert float(annotations[f"nginx.ingress.kubernetes.io/{timeout}"]) > settings.request_timeout_s
