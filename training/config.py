@@ -112,6 +112,7 @@ class OptimConfig:
     lr_scale: float = _positive(1.0)  # lr = lr_scale * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)
     warmup_steps: int = _positive(4000)
     label_smoothing: float = _fraction(0.1)
+    r_drop_alpha: float = _at_least(0.0, 0.0)  # R-Drop: weight of the KL between two dropout passes (0 = off)
     clip_norm: float = _at_least(0.0, 0.0)  # 0 = off
     amp: str = _choice("auto", ("auto", "none", "bf16", "fp16"))
     device: str = _choice("auto", ("auto", "cpu", "cuda"))

@@ -32,7 +32,7 @@ from training.checkpoint import latest_checkpoint, load_checkpoint, prune_checkp
 from training.config import TrainConfig
 from training.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from training.evaluate import translate_texts, validation_loss
-from training.loss import label_smoothed_nll_loss
+from training.loss import label_smoothed_nll_loss, r_drop_kl
 from training.metrics import MetricsLog
 from training.schedule import noam_lr
 from training.spm import train_spm
@@ -299,12 +299,7 @@ class Trainer:
             sync = i == len(batches) - 1
             ctx = self.ddp_model.no_sync() if (self.dist.enabled and not sync) else nullcontext()
             with ctx, self._autocast():
-                logits = self.ddp_model(
-                    batch.src.to(self.device), batch.src_pad_mask.to(self.device), batch.tgt_in.to(self.device)
-                )
-                loss, _ = label_smoothed_nll_loss(
-                    logits, batch.tgt_out.to(self.device), cfg.label_smoothing, self.model_config.pad_id
-                )
+                loss = self._batch_loss(batch)
             self.scaler.scale(loss * scale).backward()
             loss_total += loss.item()
         if cfg.clip_norm > 0:
@@ -313,6 +308,20 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return loss_total, local_tokens
+
+    def _batch_loss(self, batch: data_lib.Batch) -> torch.Tensor:
+        """The label-smoothed loss sum of one batch; with R-Drop, the mean over two dropout passes plus
+        ``r_drop_alpha`` times their symmetric KL (the two passes run as one batch of twice the rows)."""
+        cfg, pad = self.cfg.train, self.model_config.pad_id
+        src, src_mask, tgt_in = (t.to(self.device) for t in (batch.src, batch.src_pad_mask, batch.tgt_in))
+        target = batch.tgt_out.to(self.device)
+        if cfg.r_drop_alpha <= 0:
+            logits = self.ddp_model(src, src_mask, tgt_in)
+            return label_smoothed_nll_loss(logits, target, cfg.label_smoothing, pad)[0]
+        logits = self.ddp_model(src.repeat(2, 1), src_mask.repeat(2, 1), tgt_in.repeat(2, 1))  # (2B, T, V)
+        first, second = logits.chunk(2)
+        both = label_smoothed_nll_loss(logits, target.repeat(2, 1), cfg.label_smoothing, pad)[0]
+        return 0.5 * both + cfg.r_drop_alpha * r_drop_kl(first, second, target, pad)
 
     def _autocast(self):
         if self.amp_dtype is None:
