@@ -28,10 +28,13 @@ def test_decoder_axes_are_symbolic_and_there_is_no_control_flow(exported_model_d
     inputs = {v.name: axes(v) for v in graph.input}
     outputs = {v.name: axes(v) for v in graph.output}
     heads, head_dim = config.n_heads, config.head_dim
-    assert inputs["past_key_0"] == ["prev_rows", heads, "past_len", head_dim]
+    assert inputs["past_key_0"] == ["rows", heads, "past_len", head_dim]
+    assert inputs["self_pad_mask"] == ["rows", "past_len"]
+    assert inputs["positions"] == ["rows", 1]
     assert inputs["cross_value_1"] == ["rows", heads, "src_len", head_dim]
     assert outputs["present_value_1"] == ["rows", heads, "past_len + 1", head_dim]
-    assert outputs["log_probs"] == ["rows", config.vocab_size]
+    assert outputs["scores"] == outputs["ids"] == ["rows", "k"]  # candidates, not the vocabulary-wide table
+    assert config.vocab_size not in [d for value in outputs.values() for d in value]
     assert not {n.op_type for n in graph.node} & {"If", "Loop", "Scan"}
 
 
@@ -56,12 +59,12 @@ def test_a_fixed_dynamic_axis_is_named(exported_model_dir: Path, tmp_path: Path)
 def test_a_renamed_input_is_named(exported_model_dir: Path, tmp_path: Path) -> None:
     def rename(model: onnx.ModelProto) -> None:
         for node in model.graph.node:
-            node.input[:] = ["beam_index" if i == "reorder" else i for i in node.input]
-        model.graph.input[2].name = "beam_index"
+            node.input[:] = ["step" if i == "positions" else i for i in node.input]
+        model.graph.input[1].name = "step"
 
     path = _edited_decoder(exported_model_dir, tmp_path, rename)
     config = read_model_dir(exported_model_dir).config
-    with pytest.raises(SignatureError, match=r"inputs \['tokens', 'step', 'beam_index'"):
+    with pytest.raises(SignatureError, match=r"inputs \['tokens', 'step', 'top_k'"):
         check_graph(path, decoder_signature(config))
 
 
