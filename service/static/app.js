@@ -12,12 +12,15 @@ const fields = {
   target: $("target"),
   beamSize: $("beam-size"),
   nBest: $("n-best"),
+  attention: $("attention"),
 };
 const button = $("translate");
 const results = $("results");
 
 let models = []; // GET /v1/models → models
 let shown = null; // the attention of the result on screen, redrawn when the view toggle changes
+// Language names in the reader's language ("German" for "de"); a code the browser does not know stays a code.
+const languageNames = new Intl.DisplayNames([...navigator.languages, "en"], { type: "language", fallback: "code" });
 
 class ApiError extends Error {}
 
@@ -40,6 +43,8 @@ async function callApi(path, init = {}) {
   }
   if (!response.ok) {
     const error = new ApiError(describeError(response, body, text));
+    error.status = response.status;
+    error.detail = typeof body?.detail === "string" ? body.detail : "";
     error.retryAfter = Number(response.headers.get("Retry-After")) || null;
     throw error;
   }
@@ -98,9 +103,20 @@ async function loadModels() {
   fields.source.disabled = fields.target.disabled = button.disabled = false;
 }
 
+/** "German (de)"; just the code when the browser has no name for it. */
+function languageLabel(code) {
+  let name = code;
+  try {
+    name = languageNames.of(code) ?? code;
+  } catch {
+    name = code; // not a well-formed tag
+  }
+  return name.toLowerCase() === code.toLowerCase() ? code : `${name} (${code})`;
+}
+
 function fillSelect(select, values) {
   const previous = select.value;
-  select.replaceChildren(...values.map((value) => new Option(value, value)));
+  select.replaceChildren(...values.map((value) => new Option(languageLabel(value), value)));
   if (values.includes(previous)) select.value = previous;
 }
 
@@ -115,7 +131,8 @@ function describeModel() {
   if (!model) return;
   const bleu = model.bleu == null ? "" : `, validation BLEU ${model.bleu.toFixed(1)}`;
   $("model-info").textContent =
-    `Model ${model.name}: ${model.source} → ${model.target} (${model.variant} on ${model.device}${bleu})`;
+    `Model ${model.name}: ${languageLabel(model.source)} → ${languageLabel(model.target)} ` +
+    `(${model.variant} on ${model.device}${bleu})`;
 }
 
 // ---- Translating -----------------------------------------------------------------------------------------
@@ -143,15 +160,20 @@ async function translate(event) {
     beam_size: Number(fields.beamSize.value),
     n_best: Number(fields.nBest.value),
     return_scores: true,
-    return_attention: true,
+    return_attention: fields.attention.checked,
   };
+  let note = "";
   try {
-    const data = await callApi("/v1/translate", {
-      method: "POST",
-      headers: { "Content-Type": "application/json" },
-      body: JSON.stringify(body),
-    });
-    showResult(data.translations[0], body.target);
+    let data;
+    try {
+      data = await post(body);
+    } catch (err) {
+      // Too much attention for one response (a long text): translate it anyway, without the heatmap.
+      if (!(err.status === 413 && body.return_attention && err.detail.includes("return_attention"))) throw err;
+      data = await post({ ...body, return_attention: false });
+      note = "This text is too long for an attention heatmap, so it was translated without one.";
+    }
+    showResult(data.translations[0], body.target, note);
   } catch (err) {
     results.hidden = true; // no stale result next to the error
     shown = null;
@@ -162,7 +184,15 @@ async function translate(event) {
   }
 }
 
-function showResult(translation, target) {
+function post(body) {
+  return callApi("/v1/translate", {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify(body),
+  });
+}
+
+function showResult(translation, target, note = "") {
   const out = $("translation");
   out.textContent = translation.text;
   out.lang = target ?? "";
@@ -177,7 +207,11 @@ function showResult(translation, target) {
     }),
   );
   $("alternatives-block").hidden = alternatives.length === 0;
+  $("note").textContent = note;
+  $("note").hidden = !note;
   shown = translation.attention ?? null;
+  $("attention-block").hidden = shown === null;
+  $("cell-info").textContent = "";
   drawHeatmap();
   results.hidden = false;
   announce(`Translation: ${translation.text}`);
@@ -248,12 +282,14 @@ function drawHeatmap() {
   corner.className = "corner";
   corner.scope = "col";
   corner.textContent = "target ↓ source →";
-  head.append(corner, ...grid.cols.map((label) => headerCell(label, "col")));
+  head.append(corner, ...grid.cols.map((token) => headerCell(token, "col")));
 
-  const body = grid.rows.map((label, t) => {
+  const body = grid.rows.map((token, t) => {
     const tr = document.createElement("tr");
-    tr.append(headerCell(label, "row"));
-    grid.weights[t].forEach((w, s) => tr.append(weightCell(w, label, grid.cols[s], grid.marked.has(`${t},${s}`))));
+    tr.append(headerCell(token, "row"));
+    grid.weights[t].forEach((w, s) =>
+      tr.append(weightCell(w, shownToken(token), shownToken(grid.cols[s]), grid.marked.has(`${t},${s}`))),
+    );
     return tr;
   });
 
@@ -272,10 +308,17 @@ function span(text, className) {
   return element;
 }
 
-function headerCell(label, scope) {
+/** A subword as shown: without SentencePiece's "▁" word-start mark (drawn as a left border instead). */
+function shownToken(token) {
+  return token.replaceAll(WORD_START, "") || "␣";
+}
+
+function headerCell(token, scope) {
   const th = document.createElement("th");
   th.scope = scope;
-  th.append(span(label));
+  th.dataset.token = token; // the subword as the API returned it
+  if (token.startsWith(WORD_START)) th.classList.add("word-start");
+  th.append(span(shownToken(token)));
   return th;
 }
 
@@ -283,7 +326,7 @@ function weightCell(weight, target, source, aligned) {
   const td = document.createElement("td");
   td.style.setProperty("--w", weight.toFixed(4));
   td.dataset.weight = String(weight);
-  td.title = `${target} ← ${source}: ${weight.toFixed(4)}`;
+  td.title = `${target} ← ${source}: ${weight.toFixed(4)}`; // hover; a tap shows it in #cell-info
   if (aligned) td.classList.add("aligned");
   td.append(span(weight.toFixed(2), "sr-only"));
   return td;
@@ -301,6 +344,11 @@ fields.beamSize.addEventListener("input", () => {
 });
 fields.text.addEventListener("keydown", (event) => {
   if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) form.requestSubmit();
+});
+// Touch screens have no hover: a tap (or click) on a cell writes its value under the heatmap.
+$("heatmap").addEventListener("click", (event) => {
+  const cell = event.target.closest("td");
+  if (cell) $("cell-info").textContent = cell.title;
 });
 for (const radio of document.querySelectorAll('input[name="view"]')) {
   radio.addEventListener("change", drawHeatmap);

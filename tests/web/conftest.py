@@ -26,8 +26,8 @@ WAIT_MS = 20_000  # page assertions wait this long: a translation on a busy 2-co
 
 @pytest.fixture(scope="session")
 def web_models(trained_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """The trained copy model (src→tgt) with ONNX graphs, and the same network declared tgt→src, so the
-    pickers have two pairs to offer."""
+    """The trained copy model (src→tgt) with ONNX graphs, and the same network declared de→en, so the
+    pickers have two pairs to offer, one of them in languages with names."""
     root = tmp_path_factory.mktemp("web")
     forward = root / "copy-model"
     shutil.copytree(trained_model_dir, forward, ignore=shutil.ignore_patterns("onnx", "checkpoints", "*.png"))
@@ -35,7 +35,7 @@ def web_models(trained_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
     back = root / "copy-model-back"
     shutil.copytree(forward, back)
     meta = json.loads((back / "model.json").read_text(encoding="utf-8"))
-    meta["source_lang"], meta["target_lang"] = "tgt", "src"
+    meta["source_lang"], meta["target_lang"] = "de", "en"
     (back / "model.json").write_text(json.dumps(meta), encoding="utf-8")
     return [forward, back]
 
@@ -47,9 +47,18 @@ def max_chars() -> int:
 
 
 @pytest.fixture(scope="session")
-def web_server(web_models: list[Path], max_chars: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def max_attention_cells() -> int:
+    """The server's MT_MAX_ATTENTION_CELLS: low, so that a text under MT_MAX_CHARS can be over it."""
+    return 1000
+
+
+@pytest.fixture(scope="session")
+def web_server(
+    web_models: list[Path], max_chars: int, max_attention_cells: int, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
     log = tmp_path_factory.mktemp("logs") / "web_server.log"
-    running = start_server(["-m", "service.cli"], web_models, log, MT_MAX_CHARS=str(max_chars))
+    env = {"MT_MAX_CHARS": str(max_chars), "MT_MAX_ATTENTION_CELLS": str(max_attention_cells)}
+    running = start_server(["-m", "service.cli"], web_models, log, **env)
     yield running
     assert running.stop() in (0, -signal.SIGTERM), running.log_tail()
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from headless import CHROMIUM, INSTALL_HINT
 from live_server import Server
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Browser, Page, expect
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no {CHROMIUM}: {INSTALL_HINT}")
 
@@ -21,8 +21,9 @@ READ_HEATMAP = """table => {
     const cells = rows.map(tr => [...tr.querySelectorAll("td")]);
     return {
         view: table.dataset.view,
-        cols: [...table.querySelectorAll("thead th:not(.corner)")].map(th => th.textContent),
-        rows: rows.map(tr => tr.querySelector("th").textContent),
+        cols: [...table.querySelectorAll("thead th:not(.corner)")].map(th => th.dataset.token),
+        rows: rows.map(tr => tr.querySelector("th").dataset.token),
+        shown: table.innerText,
         weights: cells.map(row => row.map(td => Number(td.dataset.weight))),
         titles: cells.map(row => row.map(td => td.title)),
         aligned: cells.flatMap((row, t) => row.flatMap((td, s) => td.classList.contains("aligned") ? [[s, t]] : [])),
@@ -86,17 +87,19 @@ def test_translation_alternatives_and_heatmap_match_the_api(page: Page, web_serv
     assert grid["view"] == "subword"
     assert grid["rows"] == attention["target_tokens"]
     assert grid["cols"] == attention["source_tokens"]
+    assert WORD_START not in grid["shown"]  # drawn as a left mark, not as the raw "▁"
     assert [len(row) for row in grid["weights"]] == [len(attention["source_tokens"])] * len(attention["target_tokens"])
     np.testing.assert_allclose(grid["weights"], attention["weights"], rtol=0, atol=1e-12)
     t, s = len(grid["rows"]) - 1, len(grid["cols"]) // 2
-    assert grid["titles"][t][s] == f"{grid['rows'][t]} ← {grid['cols'][s]}: {attention['weights'][t][s]:.4f}"
+    row, col = (grid[k][i].replace(WORD_START, "") for k, i in (("rows", t), ("cols", s)))
+    assert grid["titles"][t][s] == f"{row} ← {col}: {attention['weights'][t][s]:.4f}"
 
     # Word view: one row/column per word, aggregated weights, the API's alignment outlined.
     page.get_by_label("Words", exact=True).check()
     expect(page.locator("#heatmap")).to_have_attribute("data-view", "word")
     words = read_heatmap(page)
-    assert words["rows"] == sentence.split()
-    assert words["cols"] == sentence.split()
+    assert [w.replace(WORD_START, "") for w in words["rows"]] == sentence.split()
+    assert [w.replace(WORD_START, "") for w in words["cols"]] == sentence.split()
     assert np.array(words["weights"]).shape == (len(sentence.split()), len(sentence.split()))
     np.testing.assert_allclose(words["weights"], word_level(attention), rtol=0, atol=1e-12)
     np.testing.assert_allclose(np.sum(words["weights"], axis=1), 1.0, atol=1e-6)
@@ -106,12 +109,14 @@ def test_translation_alternatives_and_heatmap_match_the_api(page: Page, web_serv
     expect(page.locator("#heatmap tbody tr")).to_have_count(len(attention["target_tokens"]))
 
 
-def test_pickers_offer_the_loaded_pairs(page: Page, sentence: str) -> None:
+def test_pickers_offer_the_loaded_pairs_by_name(page: Page, sentence: str) -> None:
     source = page.get_by_label("From", exact=True)
-    assert sorted(source.locator("option").all_text_contents()) == ["src", "tgt"]
-    source.select_option("tgt")
-    expect(page.get_by_label("To", exact=True).locator("option")).to_have_text(["src"])
-    expect(page.locator("#model-info")).to_contain_text("copy-model-back")
+    values = source.locator("option").evaluate_all("options => options.map(o => o.value)")
+    assert sorted(values) == ["de", "src"]
+    expect(source.locator('option[value="de"]')).to_have_text("German (de)")  # a name, not only the code
+    source.select_option("de")
+    expect(page.get_by_label("To", exact=True).locator("option")).to_have_text(["English (en)"])
+    expect(page.locator("#model-info")).to_contain_text("copy-model-back: German (de) → English (en)")
     translate_in_page(page, sentence, beam_size=2)
     expect(page.locator("#translation")).to_have_text(sentence)
 
@@ -162,3 +167,52 @@ def test_narrow_screen_scrolls_the_heatmap_not_the_page(page: Page, sentence: st
     )
     assert page_width <= 360
     assert heatmap_content > heatmap_box  # the wide heatmap scrolls inside its own box
+
+
+def test_attention_can_be_left_off(page: Page, web_server: Server, sentence: str) -> None:
+    sent: list[dict] = []
+    page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/v1/translate") else None)
+    page.get_by_label("Attention heatmap", exact=True).uncheck()
+    translate_in_page(page, sentence)
+    expect(page.locator("#translation")).to_have_text(sentence)
+    expect(page.locator("#attention-block")).to_be_hidden()
+    assert [body["return_attention"] for body in sent] == [False]
+
+
+def test_a_text_too_long_for_the_heatmap_is_translated_without_it(
+    page: Page, web_server: Server, sentence: str, max_chars: int, max_attention_cells: int
+) -> None:
+    text = "\n".join([sentence] * (max_chars // (len(sentence) + 1)))  # one sentence per line: copied exactly
+    body = {"text": text, "source": "src", "target": "tgt", "return_attention": True}
+    refused = httpx.post(f"{web_server.url}/v1/translate", json=body, timeout=60)
+    assert refused.status_code == 413 and "MT_MAX_ATTENTION_CELLS" in refused.json()["detail"]  # the premise
+    translate_in_page(page, text)
+    expect(page.locator("#translation")).to_have_text(text)
+    expect(page.locator("#note")).to_have_text(
+        "This text is too long for an attention heatmap, so it was translated without one."
+    )
+    expect(page.locator("#attention-block")).to_be_hidden()
+    expect(page.get_by_role("alert")).to_be_hidden()
+
+
+def test_favicon_is_served(page: Page, web_server: Server) -> None:
+    href = page.locator('link[rel="icon"]').get_attribute("href")
+    response = httpx.get(f"{web_server.url}{href}")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("image/svg+xml")
+    assert response.text.lstrip().startswith("<svg")
+
+
+def test_a_tap_shows_a_cells_value(browser: Browser, web_server: Server, sentence: str) -> None:
+    """Touch screens have no hover: a tap on a cell writes its title (target ← source: weight) under the map."""
+    context = browser.new_context(base_url=web_server.url, viewport={"width": 360, "height": 740}, has_touch=True)
+    page = context.new_page()
+    page.goto("/")
+    expect(page.locator("#translate")).to_be_enabled()
+    translate_in_page(page, sentence)
+    cell = page.locator("#heatmap tbody tr").nth(1).locator("td").nth(1)
+    expect(cell).to_be_visible()
+    cell.tap()
+    title = cell.get_attribute("title")
+    assert title and title.endswith(f"{float(cell.get_attribute('data-weight')):.4f}")
+    expect(page.locator("#cell-info")).to_have_text(title)
+    context.close()
