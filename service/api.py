@@ -35,10 +35,10 @@ def get_registry(state: Annotated[ServiceState, Depends(get_state)]) -> Registry
 
 
 def require_json(request: Request) -> None:
-    """415 unless the body is declared as JSON (a missing Content-Type is read as JSON)."""
+    """415 unless the body is declared as JSON."""
     content_type = request.headers.get("content-type")
     if content_type is None:
-        return
+        raise HTTPException(415, "the request has no Content-Type: send the JSON body as application/json")
     media = content_type.split(";")[0].strip().lower()
     if media not in JSON_TYPES and not media.endswith("+json"):
         raise HTTPException(415, f"Content-Type {media!r} is not supported: send a JSON body as application/json")
@@ -65,11 +65,11 @@ ERRORS = {
 }
 
 
-def _not_ready_detail(state: ServiceState) -> str:
-    if state.draining:
+def _not_ready_detail(state: ServiceState, draining: bool = False) -> str:
+    if state.draining or draining:
         return "the server is shutting down; retry on another instance"
-    if state.error:
-        return f"models failed to load: {state.error}"
+    if state.error:  # the error names server files: it goes to the log, not to clients
+        return "models failed to load (the server log says why)"
     return "models are loading; retry shortly"
 
 
@@ -140,18 +140,29 @@ async def models(registry: RegistryDep) -> ModelsResponse:
     return ModelsResponse(models=out)
 
 
-@router.get("/health/live", response_model=Health, response_model_exclude_none=True, summary="The process is up")
+@router.api_route(
+    "/health/live",
+    methods=["GET", "HEAD"],
+    response_model=Health,
+    response_model_exclude_none=True,
+    summary="The process is up",
+)
 async def live() -> Health:
     return Health(status="ok")
 
 
-@router.get(
-    "/health/ready", response_model=Health, responses={503: {"model": Health}}, summary="Models loaded and warm"
+@router.api_route(
+    "/health/ready",
+    methods=["GET", "HEAD"],  # load balancers probe with HEAD
+    response_model=Health,
+    responses={503: {"model": Health}},
+    summary="Models loaded and warm (503 while loading or shutting down)",
 )
-async def ready(state: StateDep, settings: SettingsDep) -> Health | JSONResponse:
-    if state.ready:
+async def ready(request: Request, state: StateDep, settings: SettingsDep) -> Health | JSONResponse:
+    draining = request.app.state.draining  # set by mt-serve on SIGTERM, while requests are still served
+    if state.ready and not draining:
         return JSONResponse({"status": "ready"})
-    body = {"status": "not ready", "detail": _not_ready_detail(state)}
+    body = {"status": "not ready", "detail": _not_ready_detail(state, draining)}
     return JSONResponse(body, status_code=503, headers={"Retry-After": str(settings.retry_after_s)})
 
 

@@ -230,6 +230,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     app.state.keys = KeyStore.load(current.api_keys_file) if current.api_keys_file else None
     app.state.limiter = RateLimiter(current)
+    app.state.draining = False  # mt-serve sets it on SIGTERM
     max_body = current.max_items * (current.max_chars * 6 + 64) + 64 * 1024  # JSON escapes included
     app.add_middleware(RequestContext, metrics=app.state.metrics, max_body_bytes=max_body)
     app.add_middleware(LibreTranslateErrors)  # outside RequestContext, so that its 413 is reshaped too

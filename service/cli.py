@@ -1,8 +1,11 @@
 """mt-serve [--model DIR ...] [--host H] [--port P]: check the model dirs, then serve them with uvicorn.
 
 Every model dir is checked before the server starts (model.json, tokenizer, ONNX manifest and file hashes),
-so a missing or corrupt one ends the command with a non-zero status and a message naming the file. SIGTERM
-or Ctrl-C stops accepting connections, lets in-flight requests finish, drains the batchers, then exits.
+so a missing or corrupt one ends the command with a non-zero status and a message naming the file; a graph
+that onnxruntime cannot load (whatever its manifest says) stops the server as soon as loading fails, with
+status 1 and the file named. SIGTERM or Ctrl-C starts the drain: ``/health/ready`` answers 503 for
+MT_DRAIN_S while requests are still served, then the port closes, in-flight requests finish, the batchers
+drain, and the command exits 0. The HTTP limits (head size, read timeouts, connections) are in server.py.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from model.model_dir import ModelDirError
+from service.auth import KeyFileError
 from service.engine import EngineError, check_model_dir, resolve_device
 from service.logs import configure_logging
+from service.ratelimit import BadLimit
 from service.registry import describe
 from service.settings import Settings, package_version, settings_help
 
@@ -82,16 +87,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     import uvicorn  # here, so that a bad model dir is reported without loading the web stack
 
     from service.app import create_app
+    from service.server import LimitedH11Protocol, Server
 
-    uvicorn.run(
-        create_app(settings),
+    try:
+        app = create_app(settings)
+    except (KeyFileError, BadLimit) as error:
+        print(f"mt-serve: error: {error}", file=sys.stderr)
+        return 2
+
+    def on_drain() -> None:
+        app.state.draining = True
+        logger.info("shutting down: /health/ready answers 503 now; the port closes in %g s", settings.drain_s)
+
+    def failed() -> str | None:
+        service = getattr(app.state, "service", None)  # set by the lifespan
+        return service.error if service is not None else None
+
+    s = settings
+    protocol = LimitedH11Protocol.configured(s.header_timeout_s, s.body_timeout_s, s.max_header_bytes)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
+        http=protocol,
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        limit_concurrency=settings.max_connections,
+        timeout_keep_alive=settings.keep_alive_s,
+        timeout_graceful_shutdown=int(settings.request_timeout_s) + GRACE_S,
+        proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=int(settings.request_timeout_s) + GRACE_S,
     )
-    return 0
+    server = Server(config, settings.drain_s, on_drain, failed)
+    server.run()
+    if server.failure is not None:
+        print(f"mt-serve: error: {server.failure}", file=sys.stderr)
+        return 1
+    return 0 if server.started else 1
 
 
 if __name__ == "__main__":

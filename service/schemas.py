@@ -6,14 +6,28 @@ largest beam) are checked by the route, which answers 413/422 naming the setting
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from model.decoding import PAPER
 
 MAX_BEAM = 16  # beam sizes above this are refused whatever MT_MAX_BEAM says
 MAX_LENGTH = 1024  # the largest max_length accepted (a model may allow fewer: its max_positions - 1)
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_characters(value: str, where: str) -> str:
+    """``value`` unless it holds a lone surrogate (JSON's ``"\\ud800"`` escape decodes to one): that is no
+    character, cannot be encoded as UTF-8, and would fail deep in the tokenizer; 422 names where it is."""
+    found = _SURROGATE.search(value)
+    if found:
+        raise ValueError(
+            f"{where} holds a lone surrogate (U+{ord(found.group()):04X}) at character {found.start()}, which "
+            "is not a character: send valid UTF-8, or a \\uD8xx escape followed by its \\uDCxx pair"
+        )
+    return value
 
 
 class TranslateRequest(BaseModel):
@@ -54,6 +68,13 @@ class TranslateRequest(BaseModel):
     )
     return_scores: bool = Field(False, description="add each translation's score (log p / length penalty)")
     return_attention: bool = Field(False, description="add subword cross-attention and a word alignment")
+
+    @field_validator("text", "source", "target")
+    @classmethod
+    def _characters(cls, value: str | list[str] | None, info) -> str | list[str] | None:
+        if isinstance(value, list):
+            return [check_characters(text, f"{info.field_name}[{i}]") for i, text in enumerate(value)]
+        return value if value is None else check_characters(value, info.field_name)
 
     @model_validator(mode="after")
     def _check(self) -> TranslateRequest:

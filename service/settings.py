@@ -82,7 +82,9 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(10.0, gt=0, description="time a client has to send a request's headers (408)")
     body_timeout_s: float = Field(30.0, gt=0, description="time a client has to send a request's body (408)")
     keep_alive_s: int = Field(5, ge=1, description="an idle keep-alive connection is closed after this")
-    max_connections: int = Field(1000, ge=1, description="open connections (and requests) before new ones get 503")
+    max_connections: int = Field(
+        1000, ge=2, description="open connections (the asking one included) at which requests get 503 (uvicorn)"
+    )
     drain_s: float = Field(
         0.0, ge=0, description="on SIGTERM, keep serving this long with /health/ready at 503 before closing the port"
     )

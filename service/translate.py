@@ -138,7 +138,7 @@ def _translation(merged: TextResult, body: TranslateRequest) -> Translation:
         out.score = merged.score
     if body.n_best > 1:
         out.alternatives = [Alternative(text=text, score=score) for text, score in merged.alternatives]
-    if merged.attention is not None:
+    if body.return_attention and merged.attention is not None:  # a blank text has an empty one either way
         a = merged.attention
         out.attention = AttentionOut(
             source_tokens=a.source_tokens,
