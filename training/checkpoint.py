@@ -1,9 +1,10 @@
-"""Training checkpoints: atomic writes, keep the best and the last K, average the last K."""
+"""Training checkpoints: atomic writes, keep the best and the last K, average the last K, RNG states."""
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import re
 from pathlib import Path
 from typing import Any
@@ -74,3 +75,18 @@ def average_state_dicts(paths: list[Path]) -> dict[str, torch.Tensor]:
             total[key] = total[key] + value if key in total else value.clone()
     log.info("averaged %d checkpoints: %s", len(paths), ", ".join(p.name for p in paths))
     return {key: (value / len(paths)).to(torch.float32) for key, value in total.items()}
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

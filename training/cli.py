@@ -45,17 +45,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Imported here so that config errors come back instantly, before torch loads.
     from training.data import DataError
-    from training.finalize import finalize
     from training.spm import SpmError
     from training.trainer import Trainer, TrainingError
 
     try:
-        trainer = Trainer(cfg, resume=args.resume, force=args.force)
+        trainer = Trainer(cfg, resume=args.resume, force=args.force).prepare()
         if trainer.resume_from is not None:
             print(f"mt-train: resumed from {trainer.resume_from} at step {trainer.progress.step}", file=sys.stderr)
         trainer.run()
         if trainer.dist.is_main:
-            out = finalize(trainer)
+            out = trainer.finalize()
             print(f"mt-train: wrote model directory {out}", file=sys.stderr)
     except (DataError, SpmError, TrainingError) as error:
         print(f"mt-train: {error}", file=sys.stderr)

@@ -28,7 +28,15 @@ from model.decoding import DecodingOptions
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer, count_parameters
 from training import data as data_lib
-from training.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from training import finalize as finalize_lib
+from training.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from training.config import TrainConfig
 from training.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from training.evaluate import translate_texts, validation_loss
@@ -82,26 +90,13 @@ def pick_amp(name: str, device: torch.device) -> torch.dtype | None:
     return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 class Trainer:
-    """Builds everything from a ``TrainConfig`` (checks first, before any training), then ``run()``."""
+    """One training run: ``prepare()`` (every check before any training), ``run()`` (the loop), ``finalize()``
+    (the model dir)."""
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, force: bool = False) -> None:
-        self.cfg = cfg
+        """Only settles where and how to run; ``prepare()`` does the work (data, tokenizer, network)."""
+        self.cfg, self.resume, self.force = cfg, resume, force
         self.out = Path(cfg.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
         self.device = pick_device(cfg.train.device)
@@ -110,28 +105,30 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
         self.amp_dtype = pick_amp(cfg.train.amp, self.device)
-        self.resume_from = self._check_output_dir(resume, force)
-        self.train_pairs, self.valid_pairs = data_lib.check_data(cfg.data)
+        self.resume_from: Path | None = None
+        self.progress = Progress()
+        self._sampled: tuple[int, data_lib.ParallelDataset] | None = None
 
+    def prepare(self) -> Trainer:
+        """Check the output dir, read and encode the data (training SentencePiece if needed), build the
+        network and optimiser, and load the checkpoint when resuming; every check runs before training."""
+        cfg = self.cfg
+        self.resume_from = self._check_output_dir(self.resume, self.force)
+        self.train_pairs, self.valid_pairs = data_lib.check_data(cfg.data)
         self.tokenizer = self._prepare_tokenizer()
+        self.model_config: ModelConfig = cfg.model.build(self.tokenizer.vocab_size)
         self.train_set = data_lib.encode_dataset(
             self.tokenizer, *self.train_pairs, cfg.data.max_len, cfg.data.max_len_ratio, filter_long=True
         )
         self.valid_set = data_lib.encode_dataset(
-            self.tokenizer,
-            *self.valid_pairs,
-            cfg.model.build(self.tokenizer.vocab_size).max_positions - 1,
-            filter_long=False,
+            self.tokenizer, *self.valid_pairs, self.model_config.max_positions - 1, filter_long=False
         )
-        self.model_config: ModelConfig = cfg.model.build(self.tokenizer.vocab_size)
-        self._sampled: tuple[int, data_lib.ParallelDataset] | None = None
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.model = Transformer(self.model_config).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=0.0, betas=(0.9, 0.98), eps=1e-9)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        self.progress = Progress()
         if self.resume_from is not None:
             self._load(self.resume_from)
         self.ddp_model = (
@@ -140,6 +137,7 @@ class Trainer:
             else self.model
         )
         self.metrics = MetricsLog(self.out / "metrics.jsonl", self.progress.step if self.resume_from else None)
+        return self
 
     # -- setup -----------------------------------------------------------------------------------------
     def _check_output_dir(self, resume: bool, force: bool) -> Path | None:
@@ -403,3 +401,21 @@ class Trainer:
             "best_step": p.best_step,
             "config": self.cfg.to_dict(),
         }
+
+    def finalize(self) -> Path:
+        """Write ``weights.safetensors`` and ``model.json``: the average of the last ``train.average_last``
+        checkpoints or the best one, whichever scores higher on validation (rank 0 only)."""
+        candidates = finalize_lib.candidate_weights(self.ckpt_dir, self.cfg.train.average_last, self.progress.best_step)
+        model = Transformer(self.model_config).to(self.device)
+        scored = []
+        for name, state in candidates.items():
+            model.load_state_dict(state)
+            result = self.validate(model)
+            log.info("%s: valid BLEU %.2f chrF %.2f", name, result["bleu"], result["chrf"])
+            scored.append((name, state, result))
+        name, state, result = max(scored, key=lambda item: item[2]["bleu"])
+        model.load_state_dict(state)
+        return finalize_lib.write_model_dir(
+            self.out, model, self.cfg, self.summary(), chosen=name, result=result,
+            candidates={n: {"bleu": r["bleu"], "chrf": r["chrf"]} for n, _, r in scored},
+        )  # fmt: skip
