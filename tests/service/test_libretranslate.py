@@ -175,3 +175,30 @@ def test_v1_takes_bcp47_spellings_and_auto(libre: Server, copy_sources: list[str
     response = httpx.post(f"{libre.url}/v1/translate", json={"text": "", "source": "auto", "target": "de"})
     assert response.status_code == 422
     assert response.json()["detail"].startswith("cannot detect the source language: the text is empty")
+
+
+@pytest.fixture(scope="module")
+def keyed(libre: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The same two models behind MT_API_KEYS_FILE (one key, "lt-key")."""
+    root = tmp_path_factory.mktemp("keyed")
+    keys = root / "keys.txt"
+    keys.write_text("lt-key\n", encoding="utf-8")
+    models = [Path(libre.log.parent) / "copy-de-en", Path(libre.log.parent) / "copy-en-de"]
+    running = start_server(["-m", "service.cli"], models, root / "server.log", MT_API_KEYS_FILE=str(keys))
+    yield running
+    assert running.stop() in (0, -signal.SIGTERM), running.log_tail()
+
+
+def test_api_key_field_is_checked(keyed: Server, copy_sources: list[str]) -> None:
+    text = copy_sources[0]
+    assert LibreTranslateAPI(keyed.url, api_key="lt-key").translate(text, "de", "en") == text
+    assert LibreTranslateAPI(keyed.url, api_key="lt-key").languages()[0]["code"] == "de"
+    for key, status in ((None, 401), ("wrong", 403)):
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            LibreTranslateAPI(keyed.url, api_key=key).translate(text, "de", "en")
+        assert caught.value.code == status
+        assert set(json.loads(caught.value.read())) == {"error"}
+    bearer = httpx.post(
+        f"{keyed.url}/detect", json={"q": GERMAN}, headers={"Authorization": "Bearer lt-key"}, timeout=60
+    )
+    assert bearer.status_code == 200 and bearer.json()[0]["language"] == "de"
