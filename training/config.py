@@ -1,31 +1,32 @@
-"""The training configuration: frozen dataclasses read from YAML plus ``--set key=value`` overrides.
+"""The training configuration: frozen pydantic models read from YAML plus ``--set key=value`` overrides.
 
 Every problem in a config is collected and reported at once in one ``ConfigError``; each line names the
-key and says what to change. The YAML layout mirrors the dataclasses (see
-``training/configs/multi30k_de_en.yaml``); ``TrainConfig.to_dict()`` writes the same layout back.
-Relative paths (``output_dir``, ``data.dir``, ``tokenizer.model``) are kept as written and resolve
-against the current working directory.
+key and says what to change (pydantic does the typing and range checks; ``_explain`` words its errors
+for a YAML user). The YAML layout mirrors the models (see ``training/configs/multi30k_de_en.yaml``);
+``TrainConfig.to_dict()`` writes the same layout back. Relative paths (``output_dir``, ``data.dir``,
+``tokenizer.model``) are kept as written and resolve against the current working directory.
 """
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import math
-import types
-import typing
 from collections.abc import Sequence
-from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, Strict, TypeAdapter, ValidationError, field_validator
 
 from model.config import PRESETS, ModelConfig, preset
 
 # ModelConfig fields the config file may not set: the vocabulary comes from the tokenizer, and the
 # special ids are fixed by the SentencePiece training in training/spm.py.
 _FIXED_MODEL_FIELDS = frozenset({"vocab_size", "pad_id", "unk_id", "bos_id", "eos_id"})
+
+Int = Annotated[int, Strict()]  # YAML gives real integers; strict keeps true/false and 2.5 out
+Positive = Annotated[int, Strict(), Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 class ConfigError(ValueError):
@@ -37,123 +38,115 @@ class ConfigError(ValueError):
         super().__init__(f"invalid {source} ({count}):\n" + "\n".join(f"  - {p}" for p in self.problems))
 
 
-# Field constraints live in the field metadata so that one loop checks every section.
-def _required() -> Any:
-    return field(metadata={"required": True})
+class _Section(BaseModel):
+    # Frozen and strict about keys; numbers may come as YAML strings ("1e-3"), ints where floats go.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
-def _positive(default: float) -> Any:
-    return field(default=default, metadata={"positive": True})
-
-
-def _at_least(default: float, low: float) -> Any:
-    return field(default=default, metadata={"min": low})
-
-
-def _fraction(default: float, one_allowed: bool = False) -> Any:
-    return field(default=default, metadata={"fraction": True, "one_allowed": one_allowed})
-
-
-def _choice(default: str, choices: tuple[str, ...]) -> Any:
-    return field(default=default, metadata={"choices": choices})
-
-
-@dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Section):
     """Where the parallel text is and which pairs to train on (``training/data.py`` reads it)."""
 
-    dir: str = _required()
+    dir: str
     src: str = "de"
     tgt: str = "en"
     train: str = "train"  # split prefix: {dir}/{train}.{src}[.gz] or {dir}/{train}.tsv[.gz]
     valid: str = "val"
-    format: str = _choice("auto", ("auto", "plain", "tsv"))
-    max_len: int = _positive(128)  # subword tokens per side; longer train pairs are dropped
-    max_len_ratio: float = _at_least(3.0, 0.0)  # 0 = off
+    format: Literal["auto", "plain", "tsv"] = "auto"
+    max_len: Positive = 128  # subword tokens per side; longer train pairs are dropped
+    max_len_ratio: float = Field(3.0, ge=0.0)  # 0 = off
+
+    @field_validator("src", "tgt", "train", "valid")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must be a non-empty string")
+        return value
+
+    @field_validator("max_len_ratio")
+    @classmethod
+    def _ratio(cls, value: float) -> float:
+        if 0 < value < 1:
+            raise ValueError(f"must be 0 (off) or at least 1, got {value}")
+        return value
 
     @property
     def path(self) -> Path:
         return Path(self.dir).expanduser()
 
 
-@dataclass(frozen=True)
-class TokenizerConfig:
+class TokenizerConfig(_Section):
     """The joint SentencePiece model: trained on the training text, or reused from ``model``."""
 
-    vocab_size: int = _at_least(8000, 5)  # ignored when ``model`` is given
+    vocab_size: Int = Field(8000, ge=5)  # ignored when ``model`` is given
     model: str | None = None
-    model_type: str = _choice("unigram", ("unigram", "bpe", "char", "word"))
-    character_coverage: float = _fraction(1.0, one_allowed=True)
-    input_sentence_size: int = _at_least(2_000_000, 0)  # 0 = every sentence
+    model_type: Literal["unigram", "bpe", "char", "word"] = "unigram"
+    character_coverage: float = Field(1.0, ge=0.0, le=1.0)
+    input_sentence_size: Int = Field(2_000_000, ge=0)  # 0 = every sentence
     # Subword regularisation for training only (training/subword.py), unigram models: 0 = off, else the
     # smoothing of P(segmentation)**alpha over the sampling_nbest best segmentations (Kudo: 0.1 and 64).
-    sampling_alpha: float = _at_least(0.0, 0.0)
-    sampling_nbest: int = _at_least(64, 2)
+    sampling_alpha: float = Field(0.0, ge=0.0)
+    sampling_nbest: Int = Field(64, ge=2)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
 
 
-@dataclass(frozen=True)
-class ModelSection:
+class ModelSection(_Section):
     """A ``model/config.py`` preset plus field overrides; the vocabulary size comes from the tokenizer."""
 
     preset: str = "small"
-    overrides: dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, Any] = Field(default_factory=dict)
 
     def build(self, vocab_size: int) -> ModelConfig:
         return preset(self.preset, vocab_size, **self.overrides)
 
 
-@dataclass(frozen=True)
-class OptimConfig:
+class OptimConfig(_Section):
     """The ``train:`` section: steps, batching, optimiser schedule, precision, logging, checkpoints."""
 
-    max_steps: int = _positive(20000)
-    batch_tokens: int = _positive(4096)  # per batch and rank: max of src/tgt padded tokens
-    accum_steps: int = _positive(1)
-    lr_scale: float = _positive(1.0)  # lr = lr_scale * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)
-    warmup_steps: int = _positive(4000)
-    label_smoothing: float = _fraction(0.1)
-    r_drop_alpha: float = _at_least(0.0, 0.0)  # R-Drop: weight of the KL between two dropout passes (0 = off)
-    clip_norm: float = _at_least(0.0, 0.0)  # 0 = off
-    amp: str = _choice("auto", ("auto", "none", "bf16", "fp16"))
-    device: str = _choice("auto", ("auto", "cpu", "cuda"))
-    eval_every: int = _positive(1000)  # validation loss + BLEU (and a checkpoint)
-    save_every: int = _at_least(0, 0)  # extra checkpoints between evaluations (0 = only at evaluations)
-    log_every: int = _positive(50)
-    keep_last: int = _positive(5)
-    average_last: int = _at_least(5, 0)  # 0 or 1 = no averaging
+    max_steps: Positive = 20000
+    batch_tokens: Positive = 4096  # per batch and rank: max of src/tgt padded tokens
+    accum_steps: Positive = 1
+    lr_scale: float = Field(1.0, gt=0.0)  # lr = lr_scale * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)
+    warmup_steps: Positive = 4000
+    label_smoothing: Fraction = 0.1
+    r_drop_alpha: float = Field(0.0, ge=0.0)  # R-Drop: weight of the KL between two dropout passes (0 = off)
+    clip_norm: float = Field(0.0, ge=0.0)  # 0 = off
+    amp: Literal["auto", "none", "bf16", "fp16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    eval_every: Positive = 1000  # validation loss + BLEU (and a checkpoint)
+    save_every: Int = Field(0, ge=0)  # extra checkpoints between evaluations (0 = only at evaluations)
+    log_every: Positive = 50
+    keep_last: Positive = 5
+    average_last: Int = Field(5, ge=0)  # 0 or 1 = no averaging
 
 
-@dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(_Section):
     """Validation decoding: the paper's beam 4 and GNMT length penalty 0.6."""
 
-    beam_size: int = _positive(4)
-    length_penalty: float = _at_least(0.6, 0.0)
-    batch_size: int = _positive(64)  # sentences per search batch
-    max_sentences: int = _at_least(0, 0)  # 0 = the whole valid set
+    beam_size: Positive = 4
+    length_penalty: float = Field(0.6, ge=0.0)
+    batch_size: Positive = 64  # sentences per search batch
+    max_sentences: Int = Field(0, ge=0)  # 0 = the whole valid set
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Section):
     """Everything ``mt-train`` needs; stored whole in checkpoints and ``model.json``."""
 
-    output_dir: str = _required()
+    output_dir: str
     data: DataConfig
-    seed: int = _at_least(1, 0)
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    model: ModelSection = field(default_factory=ModelSection)
-    train: OptimConfig = field(default_factory=OptimConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: Int = Field(1, ge=0)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    model: ModelSection = Field(default_factory=ModelSection)
+    train: OptimConfig = Field(default_factory=OptimConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """The YAML layout as plain JSON-able values; ``from_dict`` reads it back."""
-        out: dict[str, Any] = {"output_dir": self.output_dir, "seed": self.seed}
-        for name in _SECTIONS:
-            section = getattr(self, name)
-            if isinstance(section, ModelSection):
-                out[name] = {"preset": section.preset, **section.overrides}
-            else:
-                out[name] = {f.name: getattr(section, f.name) for f in fields(section)}
+        out = self.model_dump(mode="json")
+        out["model"] = {"preset": self.model.preset, **self.model.overrides}
         return out
 
     @classmethod
@@ -167,14 +160,13 @@ class TrainConfig:
         return config
 
 
-_SECTIONS: dict[str, type] = {
+_SECTIONS: dict[str, type[_Section]] = {
     "data": DataConfig,
     "tokenizer": TokenizerConfig,
     "model": ModelSection,
     "train": OptimConfig,
     "eval": EvalConfig,
 }
-_TOP_LEVEL = ("output_dir", "seed")
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
@@ -235,86 +227,66 @@ def _apply_override(raw: dict[str, Any], item: str, problems: list[str]) -> None
 
 def _build(raw: dict[str, Any], problems: list[str]) -> TrainConfig | None:
     """Check every key and value of ``raw``, appending to ``problems``; build the config if none."""
-    _unknown_keys(raw, (*_TOP_LEVEL, *_SECTIONS), "", problems)
-    kwargs = _values(TrainConfig, raw, "", problems, only=_TOP_LEVEL)
-    for name, cls in _SECTIONS.items():
-        section = raw.get(name, {})
-        if section is None:
-            section = {}
-        if not isinstance(section, dict):
-            problems.append(f"{name} must be a mapping of keys, got {type(section).__name__} {section!r}")
-            continue
-        if cls is ModelSection:
-            kwargs[name] = _model_section(section, raw.get("tokenizer"), problems)
-        else:
-            _unknown_keys(section, [f.name for f in fields(cls)], f"{name}.", problems)
-            kwargs[name] = cls(**_values(cls, section, f"{name}.", problems))
-    problems.extend(_cross_checks(kwargs))
-    return None if problems else TrainConfig(**kwargs)
+    bad = len(problems)
+    data = {key: value for key, value in raw.items() if key != "model"}
+    data = {key: ({} if value is None and key in _SECTIONS else value) for key, value in data.items()}
+    data.setdefault("data", {})  # so that a missing section reports its required keys
+    model_raw = raw.get("model") or {}
+    if isinstance(model_raw, dict):
+        data["model"] = _model_section(model_raw, raw.get("tokenizer"), problems)
+    else:
+        problems.append(f"model must be a mapping of keys, got {type(model_raw).__name__} {model_raw!r}")
+    try:
+        config = TrainConfig.model_validate(data)
+    except ValidationError as error:
+        problems.extend(_explain(e) for e in error.errors(include_url=False))
+        return None
+    problems.extend(_cross_checks(config))
+    return None if len(problems) > bad else config
 
 
-def _values(
-    cls: type, raw: dict[str, Any], prefix: str, problems: list[str], only: Sequence[str] = ()
-) -> dict[str, Any]:
-    """Typed, range-checked constructor arguments for ``cls`` from ``raw`` (problems appended)."""
-    hints = typing.get_type_hints(cls)
-    out: dict[str, Any] = {}
-    for f in fields(cls):
-        if only and f.name not in only:
-            continue
-        key = prefix + f.name
-        if f.name not in raw:
-            if f.metadata.get("required"):
-                problems.append(f"{key} is required: set it in the YAML file or with --set {key}=...")
-                out[f.name] = None  # placeholder; the config is not built while problems remain
-            elif f.default is not MISSING:
-                out[f.name] = f.default
-            continue
-        value, problem = _coerce(raw[f.name], hints[f.name], key)
-        problem = problem or _range_problem(value, f.metadata, key)
-        if problem:
-            problems.append(problem)
-        out[f.name] = value
-    return out
-
-
-def _coerce(value: Any, hint: Any, key: str) -> tuple[Any, str | None]:
-    """``value`` converted to the annotated type, or a problem saying what was expected."""
-    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    if value is None and type(None) in allowed:
-        return None, None
-    if float in allowed and isinstance(value, str):
-        with contextlib.suppress(ValueError):  # PyYAML reads "1e-3" (no dot) as a string
-            value = float(value)
-    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if float in allowed and isinstance(value, float) and not math.isfinite(value):
-        return value, f"{key} must be a finite number, got {value!r}"
-    if any(isinstance(value, t) and not (t is int and isinstance(value, bool)) for t in allowed):
-        return value, None
-    names = " or ".join("null" if t is type(None) else _TYPE_WORDS.get(t, t.__name__) for t in allowed)
-    return value, f"{key} must be {names}, got {type(value).__name__} {value!r}"
-
-
-_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true/false"}
-
-
-def _range_problem(value: Any, meta: Any, key: str) -> str | None:
-    if "choices" in meta and value not in meta["choices"]:
-        return f"{key} must be one of {list(meta['choices'])}, got {value!r}"
-    if meta.get("positive") and value <= 0:
-        return f"{key} must be positive, got {value!r}"
-    if "min" in meta and value < meta["min"]:
-        return f"{key} must be at least {meta['min']}, got {value!r}"
-    if meta.get("fraction") and not (0 <= value < 1 or (meta["one_allowed"] and value == 1)):
-        return f"{key} must be in [0, 1{']' if meta['one_allowed'] else ')'}, got {value!r}"
-    return None
+def _explain(error: Any) -> str:
+    """One pydantic error as a line that names the key and says what to change."""
+    loc = [str(part) for part in error["loc"]]
+    key, kind, value, ctx = ".".join(loc), error["type"], error.get("input"), error.get("ctx", {})
+    got = f"got {value!r}"
+    if kind == "missing":
+        return f"{key} is required: set it in the YAML file or with --set {key}=..."
+    if kind == "extra_forbidden":
+        section = loc[0] if len(loc) > 1 else ""
+        known = list((_SECTIONS[section] if section else TrainConfig).model_fields)
+        return _unknown_key(loc[-1], known, f"{section}." if section else "")
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"{key} must be a mapping of keys, got {type(value).__name__} {value!r}"
+    if kind == "literal_error":
+        return f"{key} must be one of {ctx['expected'].replace(' or ', ', ').join('[]')}, {got}".replace('"', "'")
+    if kind == "greater_than" and ctx.get("gt") == 0:
+        return f"{key} must be positive, {got}"
+    if kind == "greater_than_equal":
+        return f"{key} must be at least {ctx['ge']}, {got}"
+    if kind in ("less_than", "less_than_equal"):
+        bound = "1)" if kind == "less_than" else "1]"
+        return f"{key} must be in [0, {bound}, {got}"
+    if kind in ("int_parsing", "int_type", "int_from_float"):
+        return f"{key} must be an integer, got {type(value).__name__} {value!r}"
+    if kind in ("float_parsing", "float_type"):
+        return f"{key} must be a number, got {type(value).__name__} {value!r}"
+    if kind in ("bool_parsing", "bool_type"):
+        return f"{key} must be true/false, got {type(value).__name__} {value!r}"
+    if kind == "string_type":
+        return f"{key} must be a string, got {type(value).__name__} {value!r}"
+    if kind == "finite_number":
+        return f"{key} must be a finite number, {got}"
+    if kind == "value_error":
+        return f"{key} {error['msg'].removeprefix('Value error, ')}"
+    return f"{key}: {error['msg']}, {got}"
 
 
 def _model_section(raw: dict[str, Any], tokenizer: Any, problems: list[str]) -> ModelSection:
-    hints = typing.get_type_hints(ModelConfig)
-    settable = [name for name in hints if name not in _FIXED_MODEL_FIELDS]
-    name = raw.get("preset", ModelSection.preset)
+    """The preset and its overrides, each override typed by ``ModelConfig`` and the whole checked by it."""
+    fields = ModelConfig.__dataclass_fields__
+    settable = [name for name in fields if name not in _FIXED_MODEL_FIELDS]
+    name = raw.get("preset", "small")
     overrides = {key: value for key, value in raw.items() if key != "preset"}
     if name not in PRESETS:
         close = difflib.get_close_matches(str(name), PRESETS, n=1)
@@ -323,50 +295,52 @@ def _model_section(raw: dict[str, Any], tokenizer: Any, problems: list[str]) -> 
     for key in sorted(set(overrides) & _FIXED_MODEL_FIELDS):
         problems.append(f"model.{key} cannot be set here: it comes from the tokenizer; remove it")
         del overrides[key]
-    _unknown_keys(overrides, ["preset", *settable], "model.", problems)
+    for key in [k for k in overrides if k not in settable]:
+        problems.append(_unknown_key(key, ["preset", *settable], "model."))
+        del overrides[key]
     bad = len(problems)
-    for key in [k for k in overrides if k in hints]:
-        overrides[key], problem = _coerce(overrides[key], hints[key], f"model.{key}")
-        if problem:
-            problems.append(problem)
-    section = ModelSection(preset=str(name), overrides=overrides)
-    if len(problems) == bad and name in PRESETS and set(overrides) <= set(settable):
+    hints = {name: f.type for name, f in fields.items()}
+    for key, value in list(overrides.items()):
+        try:
+            overrides[key] = TypeAdapter(_resolve(hints[key])).validate_python(value)
+        except ValidationError as error:
+            problems.append(_explain({**error.errors(include_url=False)[0], "loc": ("model", key)}))
+    if len(problems) == bad and name in PRESETS:
         vocab = tokenizer.get("vocab_size") if isinstance(tokenizer, dict) else None
         placeholder = vocab if isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 4 else 8000
         try:
-            section.build(placeholder)
+            preset(str(name), placeholder, **overrides)
         except ValueError as error:  # ModelConfig.problems(), all in one message
             detail = str(error).removeprefix("invalid model config: ")
             problems.append(f"model (preset {name!r} with your overrides): {detail}")
-    return section
+    return ModelSection(preset=str(name), overrides=overrides)
 
 
-def _cross_checks(kwargs: dict[str, Any]) -> list[str]:
-    """Problems that involve two settings; skipped for sections that failed their own checks."""
+def _resolve(annotation: Any) -> Any:
+    """ModelConfig's annotations are strings (``from __future__ import annotations``)."""
+    if not isinstance(annotation, str):
+        return annotation
+    return {"int": Int, "float": float, "bool": bool, "str": str}.get(annotation, Any)
+
+
+def _cross_checks(config: TrainConfig) -> list[str]:
+    """Problems that involve two settings."""
     out: list[str] = []
-    data, optim = kwargs.get("data"), kwargs.get("train")
-    if isinstance(data, DataConfig):
-        for side in ("src", "tgt", "train", "valid"):
-            value = getattr(data, side)
-            if isinstance(value, str) and not value.strip():
-                out.append(f"data.{side} must be a non-empty string")
-        if data.src == data.tgt:
-            out.append(f"data.src and data.tgt are both {data.src!r}; set them to two different languages")
-        if isinstance(data.max_len_ratio, float) and 0 < data.max_len_ratio < 1:
-            out.append(f"data.max_len_ratio must be 0 (off) or at least 1, got {data.max_len_ratio}")
-    tokenizer = kwargs.get("tokenizer")
-    if isinstance(tokenizer, TokenizerConfig) and tokenizer.sampling_alpha > 0 and tokenizer.model_type != "unigram":
+    data, optim, tokenizer = config.data, config.train, config.tokenizer
+    if data.src == data.tgt:
+        out.append(f"data.src and data.tgt are both {data.src!r}; set them to two different languages")
+    if optim.average_last > optim.keep_last:
+        out.append(
+            f"train.average_last ({optim.average_last}) exceeds train.keep_last ({optim.keep_last}); "
+            "keep at least as many checkpoints as you average"
+        )
+    if tokenizer.sampling_alpha > 0 and tokenizer.model_type != "unigram":
         out.append(
             f"tokenizer.sampling_alpha needs model_type unigram (it samples unigram segmentations), not "
             f"{tokenizer.model_type!r}; set sampling_alpha to 0 or model_type to unigram"
         )
-    if isinstance(optim, OptimConfig):
-        keep, average = optim.keep_last, optim.average_last
-        if isinstance(keep, int) and isinstance(average, int) and average > keep:
-            out.append(
-                f"train.average_last ({average}) exceeds train.keep_last ({keep}); "
-                "keep at least as many checkpoints as you average"
-            )
+    if not math.isfinite(optim.lr_scale):
+        out.append(f"train.lr_scale must be a finite number, got {optim.lr_scale!r}")
     return out
 
 
@@ -381,25 +355,20 @@ def _check_paths(raw: dict[str, Any]) -> list[str]:
             "relative paths resolve against the current directory: fix it or --set data.dir=PATH"
         )
     model = tokenizer.get("model") if isinstance(tokenizer, dict) else None
-    if isinstance(model, str) and not Path(model).expanduser().is_file():
+    if isinstance(model, str) and model and not Path(model).expanduser().is_file():
         out.append(f"tokenizer.model {model!r} does not exist; give an spm.model file or null to train one")
     return out
 
 
-def _unknown_keys(raw: dict[str, Any], known: Sequence[str], prefix: str, problems: list[str]) -> None:
-    for key in raw:
-        if key in known:
-            continue
-        close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
-        elsewhere = [
-            f"{section}.{key}"
-            for section, cls in _SECTIONS.items()
-            if cls is not ModelSection and key in {f.name for f in fields(cls)}
-        ]
-        if close:
-            hint = f"; did you mean '{prefix}{close[0]}'?"
-        elif elsewhere:
-            hint = f"; it belongs under {elsewhere[0]!r}"
-        else:
-            hint = f"; known keys here: {', '.join(sorted(known))}"
-        problems.append(f"unknown key '{prefix}{key}'{hint}")
+def _unknown_key(key: str, known: Sequence[str], prefix: str) -> str:
+    close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+    elsewhere = [
+        f"{section}.{key}" for section, cls in _SECTIONS.items() if cls is not ModelSection and key in cls.model_fields
+    ]
+    if close:
+        hint = f"; did you mean '{prefix}{close[0]}'?"
+    elif elsewhere:
+        hint = f"; it belongs under {elsewhere[0]!r}"
+    else:
+        hint = f"; known keys here: {', '.join(sorted(known))}"
+    return f"unknown key '{prefix}{key}'{hint}"

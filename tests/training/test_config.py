@@ -39,6 +39,11 @@ def base_sets(tmp_path: Path) -> list[str]:
         (["tokenizer.model=/no/spm.model"], "tokenizer.model '/no/spm.model' does not exist"),
         (["data=3"], "data must be a mapping"),
         (["seed=1", "seed.x=1"], "seed is not a section"),
+        (["train.max_steps=true"], "train.max_steps must be an integer, got bool True"),
+        (["train.keep_last=2.5"], "train.keep_last must be an integer, got float 2.5"),
+        (["model.pre_norm=maybe"], "model.pre_norm must be true/false, got str 'maybe'"),
+        (["train.lr_scale=.nan"], "train.lr_scale must be a finite number"),
+        (["data.max_len_ratio=0.5"], "data.max_len_ratio must be 0 (off) or at least 1, got 0.5"),
     ],
 )
 def test_bad_config_says_what_to_change(base_sets: list[str], sets: list[str], phrase: str) -> None:
