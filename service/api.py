@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from importlib import resources
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -20,6 +21,7 @@ from service.settings import Settings, get_settings
 from service.state import NotReady, ServiceState
 
 router = APIRouter()
+T = TypeVar("T")
 
 JSON_TYPES = ("application/json",)
 
@@ -79,6 +81,25 @@ async def _until_disconnect(request: Request) -> None:
         pass
 
 
+async def unless_client_leaves(request: Request, work: Coroutine[Any, Any, T]) -> T | Response:
+    """``work``'s result, or 499 when the client goes away first: cancelling ``work`` drops its still-queued
+    sentences (read after the body, so the next message from the client can only be the disconnect)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if not task.cancelled():
+            raise
+        return Response(status_code=499)  # nobody is listening; the status is for the log and metrics
+
+
 @router.post(
     "/v1/translate",
     response_model=TranslateResponse,
@@ -97,20 +118,7 @@ async def translate(
     served = registry.resolve(source, body.target)
     translation.check_limits(body, settings, served)
     charge_chars(request, caller, sum(len(text) for text in body.texts))
-    work = asyncio.ensure_future(translation.translate(body, served, settings, request_id_var.get()))
-    gone = asyncio.ensure_future(_until_disconnect(request))
-    try:
-        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not work.done():  # the client left: cancelling drops its still-queued sentences
-            work.cancel()
-    try:
-        return await work
-    except asyncio.CancelledError:
-        if not work.cancelled():
-            raise
-        return Response(status_code=499)  # nobody is listening; the status is for the log and metrics
+    return await unless_client_leaves(request, translation.translate(body, served, settings, request_id_var.get()))
 
 
 @router.get(

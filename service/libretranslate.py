@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service import markup
 from service import translate as translation
-from service.api import RegistryDep, SettingsDep, _until_disconnect
+from service.api import RegistryDep, SettingsDep, unless_client_leaves
 from service.auth import authorize, charge_chars
 from service.langdetect import Detected, UndetectableLanguage, detector_for
 from service.logs import request_id_var
@@ -228,15 +228,7 @@ async def _translate_all(
 )
 async def translate(request: Request, registry: RegistryDep, settings: SettingsDep) -> Any:
     body = _parse(LibreTranslateRequest, await read_fields(request))
-    work = asyncio.ensure_future(_translate_all(body, request, registry, settings))
-    gone = asyncio.ensure_future(_until_disconnect(request))
-    try:
-        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not work.done():  # the client left: cancelling drops its still-queued sentences
-            work.cancel()
-    return await work
+    return await unless_client_leaves(request, _translate_all(body, request, registry, settings))
 
 
 @router.get("/languages", summary="Languages served (LibreTranslate-compatible)")
