@@ -102,20 +102,11 @@ class _Tokens(HTMLParser):
     def handle_entityref(self, name):
         self._add("entity")
 
-    def handle_charref(self, name):
-        self._add("entity")
-
-    def handle_comment(self, data):
+    def handle_comment(self, data):  # comments, <!DOCTYPE>, <?pi>, <![CDATA[...]]>: kept as written
         self._add("other")
 
-    def handle_decl(self, decl):
-        self._add("other")
-
-    def handle_pi(self, data):
-        self._add("other")
-
-    def unknown_decl(self, data):
-        self._add("other")
+    handle_charref = handle_entityref
+    handle_decl = handle_pi = unknown_decl = handle_comment
 
     def raw_tokens(self) -> list[tuple[str, str, dict[str, str | None], str]]:
         self.feed(self.source)
