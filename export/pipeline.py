@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from export.calibrate import calibration_feeds
 from export.manifest import build_manifest, write_manifest
 from export.onnx_export import EXPORTER, OPSET, export_variant
 from export.validate import (
@@ -36,6 +37,7 @@ from export.validate import (
 from model.config import ModelConfig
 from model.decode import score_translations, translate_ids
 from model.decoding import PAPER, DecodingOptions
+from model.manifest import STATIC_SCALES
 from model.model_dir import ModelDirError, read_model_dir
 from model.runtime import OrtModel
 from model.signature import VARIANTS
@@ -161,8 +163,9 @@ def run_export(request: ExportRequest) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix=".onnx-", dir=info.path))
     work.chmod(0o755)  # mkdtemp makes it private; the server may run as another user
     try:
-        sessions = _export_and_check_graphs(model, info.config, variants, work)
-        measured = _measure(request, model, tokenizer, sessions)
+        sources = _sources(request, tokenizer)
+        sessions = _export_and_check_graphs(model, info.config, variants, work, sources[0], request.search)
+        measured = _measure(request, model, tokenizer, sessions, sources)
         manifest = _write_manifest(work, info.name, request, measured)
         _publish(work, target)
     except BaseException:
@@ -173,11 +176,23 @@ def run_export(request: ExportRequest) -> dict[str, Any]:
 
 
 def _export_and_check_graphs(
-    model: Transformer, cfg: ModelConfig, variants: list[str], work: Path
+    model: Transformer,
+    cfg: ModelConfig,
+    variants: list[str],
+    work: Path,
+    calibration_sources: list[list[int]],
+    search: DecodingOptions,
 ) -> dict[str, OrtModel]:
-    """Export every variant, run validation step 1 on each, and open their sessions."""
+    """Export every variant (int8 calibrated on the fp32 graphs decoding the validation sources), run
+    validation step 1 on each, and open their sessions."""
+    sessions: dict[str, OrtModel] = {}
     for variant in variants:
-        export_variant(model, work, variant)
+        calibration = None
+        if variant == "int8":
+            calibration = calibration_feeds(sessions["fp32"], calibration_sources, search)
+        export_variant(model, work, variant, calibration)
+        if variant == "fp32":
+            sessions["fp32"] = OrtModel.from_files(work / VARIANTS["fp32"][0], work / VARIANTS["fp32"][1], cfg)
     logger.info("step 1/3: graphs against the declared signature")
     for variant in variants:
         check_variant_graphs(work, cfg, variant)
@@ -199,7 +214,11 @@ class Measurements:
 
 
 def _measure(
-    request: ExportRequest, model: Transformer, tokenizer: Tokenizer, sessions: dict[str, OrtModel]
+    request: ExportRequest,
+    model: Transformer,
+    tokenizer: Tokenizer,
+    sessions: dict[str, OrtModel],
+    sourced: tuple[list[list[int]], list[str] | None, str],
 ) -> Measurements:
     """Validation steps 2 and 3 for every variant (fp32 must pass step 3), then BLEU when references exist."""
     cfg = model.config
@@ -211,7 +230,7 @@ def _measure(
         logger.info("%s: max abs diff of log-probs %.3g", variant, parity[variant].max_abs_diff)
         check_step_parity(parity[variant])
     logger.info("step 3/3: beam search over ONNX against torch")
-    sources, refs, description = _sources(request, tokenizer)
+    sources, refs, description = sourced
     factories = {"torch": torch_step, **{v: s.step_function for v, s in sessions.items()}}
     outputs = {
         name: translate_ids(make_step, sources, cfg, request.search, request.batch_size)
@@ -259,6 +278,8 @@ def _write_manifest(work: Path, model_name: str, request: ExportRequest, m: Meas
             "recommended": recommended,
             "reason": reason,
         }
+        if variant == "int8":
+            entries[variant]["activation_scales"] = STATIC_SCALES
     evaluation = {
         "sources": m.sources,
         "sentences": m.sentences,

@@ -47,4 +47,3 @@ class TorchStepFunction:
             k = min(k, log_probs.shape[-1])
             scores, ids, eos = best_candidates(log_probs[:, 0].float(), k, self.model.config.eos_id)
         return StepOutput(scores.cpu().numpy(), ids.cpu().numpy(), eos.cpu().numpy(), attn[:, 0].float().cpu().numpy())
-

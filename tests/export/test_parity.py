@@ -11,6 +11,7 @@ import pytest
 from export.validate import PARITY_SHAPES, TOLERANCES, compare_translations, step_parity
 from model.decode import translate_ids
 from model.decoding import DecodingOptions
+from model.manifest import STATIC_SCALES, read_manifest, resolve_variant
 from model.runtime import OrtModel
 from model.tokenizer import Tokenizer
 from model.torch_step import TorchStepFunction
@@ -73,3 +74,27 @@ def test_variant_loads_runs_and_stays_within_its_tolerance(
     tokenizer = Tokenizer(exported_model_dir / "spm.model")
     out = translate_ids(model.step_function, tokenizer.encode_batch(copy_sources[:8]), torch_model.config)
     assert tokenizer.decode_batch(out) == copy_sources[:8]
+
+
+def test_int8_translation_does_not_depend_on_the_batch(exported_model_dir: Path, copy_sources: list[str]) -> None:
+    """Static activation scales: each of 100 sentences decoded alone == decoded in batches of 16 with others."""
+    model = OrtModel.load(exported_model_dir, "int8")
+    tokenizer = Tokenizer(exported_model_dir / "spm.model")
+    sources = tokenizer.encode_batch(copy_sources)
+    assert len(sources) == 100
+    alone = translate_ids(model.step_function, sources, model.config, batch_size=1)
+    batched = translate_ids(model.step_function, sources, model.config, batch_size=16)
+    assert alone == batched
+    assert sum(tokenizer.decode(ids) == text for ids, text in zip(alone, copy_sources, strict=True)) >= 90
+
+
+def test_auto_picks_int8_on_cpu_only_when_static_and_recommended(exported_model_dir: Path) -> None:
+    manifest = read_manifest(exported_model_dir / "onnx")
+    int8 = manifest["variants"]["int8"]
+    assert int8["activation_scales"] == STATIC_SCALES
+    assert resolve_variant(manifest, "auto", "cpu") == ("int8" if int8["recommended"] else "fp32")
+    int8["recommended"] = True
+    assert resolve_variant(manifest, "auto", "cpu") == "int8"
+    del int8["activation_scales"]  # an older export: dynamic quantization, batch-dependent
+    assert resolve_variant(manifest, "auto", "cpu") == "fp32"
+    assert resolve_variant(manifest, "int8", "cpu") == "int8"
