@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from model.config import ModelConfig
+from model.decoding import PAPER, DecodingOptions
 
 MODEL_JSON = "model.json"
 FORMAT_VERSION = 1
@@ -34,6 +35,9 @@ class ModelInfo:
     tokenizer_file: Path
     weights_file: Path
     metadata: dict[str, Any] = field(default_factory=dict)
+    # The model's decoding defaults (model.json "decoding", e.g. tuned on val by scripts/tune_decoding.py);
+    # the paper's where absent. Requests that leave beam_size/length_penalty unset get these.
+    decoding: DecodingOptions = PAPER
 
     @property
     def name(self) -> str:
@@ -78,6 +82,7 @@ def read_model_dir(path: str | Path) -> ModelInfo:
     if not tokenizer_file.is_file():
         raise ModelDirError(f"{tokenizer_file} is missing (the SentencePiece model named in {meta_path})")
     return ModelInfo(
+        decoding=_decoding(meta.get("decoding") or {}, meta_path),
         path=path,
         config=config,
         source_lang=meta["source_lang"],
@@ -86,6 +91,15 @@ def read_model_dir(path: str | Path) -> ModelInfo:
         weights_file=weights_file,
         metadata=meta,
     )
+
+
+def _decoding(section: dict[str, Any], meta_path: Path) -> DecodingOptions:
+    """The defaults a model dir declares: beam size, length penalty, max length offset (other keys are notes)."""
+    keys = ("beam_size", "length_penalty", "max_length_offset")
+    try:
+        return DecodingOptions(**{key: section[key] for key in keys if key in section})
+    except (TypeError, ValueError) as e:
+        raise ModelDirError(f"{meta_path}: bad 'decoding' section: {e}; fix or remove it") from e
 
 
 def write_model_json(path: str | Path, config: ModelConfig, source_lang: str, target_lang: str, **extra: Any) -> Path:

@@ -47,13 +47,14 @@ class RequestOptions:
 
     source: str | None = None
     target: str | None = None
-    beam_size: int = 4
+    beam_size: int | None = None  # None: the model's default (model.json decoding)
     return_scores: bool = False
     return_attention: bool = False
 
     def body(self, texts: list[str]) -> dict[str, Any]:
-        body: dict[str, Any] = {"text": texts, "beam_size": self.beam_size}
-        body |= {key: value for key, value in (("source", self.source), ("target", self.target)) if value}
+        body: dict[str, Any] = {"text": texts}
+        pairs = (("source", self.source), ("target", self.target), ("beam_size", self.beam_size))
+        body |= {key: value for key, value in pairs if value}
         return body | {"return_scores": self.return_scores, "return_attention": self.return_attention}
 
 
@@ -375,7 +376,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("-o", "--output", metavar="FILE", type=Path, help="output (default: stdout)")
     parser.add_argument("--source", metavar="S", help="source language (needed when several models are served)")
     parser.add_argument("--target", metavar="T", help="target language (needed when several models are served)")
-    parser.add_argument("--beam-size", metavar="N", type=int, default=4, help="beam width, 1 = greedy (default 4)")
+    parser.add_argument(
+        "--beam-size",
+        metavar="N",
+        type=int,
+        default=None,
+        help="beam width, 1 = greedy (default: the model's, from its model.json; the paper's 4 unless tuned)",
+    )
     parser.add_argument(
         "--ref", metavar="FILE", type=Path, help="references (plain or .gz): print BLEU and chrF on stderr"
     )
@@ -394,7 +401,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         *(
             f"--{n.replace('_', '-')} must be at least 1"
             for n in ("beam_size", "concurrency", "batch_lines")
-            if getattr(args, n) < 1
+            if getattr(args, n) is not None and getattr(args, n) < 1
         ),
         "--retries must be at least 0" if args.retries < 0 else "",
     ]

@@ -53,12 +53,22 @@ class TranslateRequest(BaseModel):
         None, description='source language (a BCP-47 tag, or "auto" to detect it); optional when one model is loaded'
     )
     target: str | None = Field(None, description="target language; optional when one model is loaded")
-    beam_size: int = Field(PAPER.beam_size, ge=1, le=MAX_BEAM, description="beam width; 1 is greedy decoding")
+    beam_size: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_BEAM,
+        description=f"beam width; 1 is greedy decoding. Default: the model's (model.json decoding; the paper's "
+        f"{PAPER.beam_size} unless tuned), raised to n_best if that is larger",
+    )
     n_best: int = Field(
         PAPER.n_best, ge=1, le=MAX_BEAM, description="translations per text (alternatives after the first)"
     )
-    length_penalty: float = Field(
-        PAPER.length_penalty, ge=0.0, le=5.0, description="GNMT α: score = log p / ((5 + |Y|) / 6) ** α"
+    length_penalty: float | None = Field(
+        None,
+        ge=0.0,
+        le=5.0,
+        description="GNMT α: score = log p / ((5 + |Y|) / 6) ** α. Default: the model's (model.json decoding; "
+        f"the paper's {PAPER.length_penalty} unless tuned)",
     )
     max_length: int | None = Field(
         None,
@@ -78,7 +88,7 @@ class TranslateRequest(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> TranslateRequest:
-        if self.n_best > self.beam_size:
+        if self.beam_size is not None and self.n_best > self.beam_size:
             raise ValueError(f"n_best ({self.n_best}) must not exceed beam_size ({self.beam_size}): raise beam_size")
         if isinstance(self.text, list) and not self.text:
             raise ValueError("text is an empty list: send at least one text")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import numpy as np
 
@@ -35,8 +36,10 @@ def check_limits(body: TranslateRequest, settings: Settings, served: ServedModel
             f"{where} has {len(texts[long[0]])} characters; send at most {settings.max_chars} per text "
             "(MT_MAX_CHARS), split it across several texts"
         )
-    if body.beam_size > settings.max_beam:
-        raise BadOption(f"beam_size {body.beam_size} is above this server's limit: use at most {settings.max_beam}")
+    beam = decoding_options(body, served).beam_size
+    if beam > settings.max_beam:
+        given = "beam_size" if body.beam_size is not None else "the model's default beam (raised to n_best)"
+        raise BadOption(f"{given} {beam} is above this server's limit: use at most {settings.max_beam}")
     longest = served.engine.max_positions - 1
     if body.max_length is not None and body.max_length > longest:
         raise BadOption(
@@ -95,17 +98,27 @@ def check_attention(segmented: list[Segmented], results: list[SentenceResult], l
         )
 
 
+def decoding_options(body: TranslateRequest, served: ServedModel) -> DecodingOptions:
+    """The request's decoding: what it sets, the model's defaults (model.json ``decoding``) for the rest; a
+    default beam is raised to ``n_best`` so that asking for alternatives alone works."""
+    defaults = served.engine.info.decoding
+    beam = body.beam_size if body.beam_size is not None else max(defaults.beam_size, body.n_best)
+    alpha = body.length_penalty if body.length_penalty is not None else defaults.length_penalty
+    return replace(
+        defaults,
+        beam_size=beam,
+        n_best=body.n_best,
+        length_penalty=alpha,
+        max_length=body.max_length,
+        return_attention=body.return_attention,
+    )
+
+
 async def translate(
     body: TranslateRequest, served: ServedModel, settings: Settings, request_id: str
 ) -> TranslateResponse:
     """Split, tokenize (off the event loop unless small), queue every sentence in one go, rejoin per text."""
-    options = DecodingOptions(
-        beam_size=body.beam_size,
-        n_best=body.n_best,
-        length_penalty=body.length_penalty,
-        max_length=body.max_length,
-        return_attention=body.return_attention,
-    )
+    options = decoding_options(body, served)
     texts, listed = body.texts, not isinstance(body.text, str)
     if sum(len(text) for text in texts) <= INLINE_CHARS:  # a thread hop costs more than tokenizing this much
         segmented, sources = _prepare(texts, served, settings.split_sentences, listed)

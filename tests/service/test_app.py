@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from model.decoding import DecodingOptions
+from model.model_dir import ModelDirError, read_model_dir
 from service import translate as translate_module
 from service.app import create_app
 from service.engine import Engine
@@ -193,3 +196,38 @@ def test_a_sentence_longer_than_the_model_reads_answers_413(served_model_dir: Pa
         detail = response.json()["detail"]
         assert detail.startswith("text[1]") and f"over the {limit}" in detail
         assert ("split the sentence" in detail) if split else ("MT_SPLIT_SENTENCES" in detail)
+
+
+def test_requests_without_decoding_fields_get_the_models_defaults(served_model_dir: Path, tmp_path: Path) -> None:
+    """model.json's decoding section (tuned on val) is what a request that sets nothing gets; fields a
+    request sets win, and asking for n_best alternatives raises a smaller default beam to fit them."""
+    model_dir = tmp_path / "tuned"
+    shutil.copytree(served_model_dir, model_dir)
+    meta = json.loads((model_dir / "model.json").read_text())
+    meta["decoding"] = {"beam_size": 1, "length_penalty": 0.0, "max_length_offset": 50, "tuned_on": "val"}
+    (model_dir / "model.json").write_text(json.dumps(meta))
+    app = create_app(Settings(models=[model_dir], threads=1))
+    text = "w01 w02 w03 w04 w05"
+
+    def score(**fields: object) -> float:
+        response = client.post("/v1/translate", json={"text": text, "return_scores": True, **fields})
+        assert response.status_code == 200, response.text
+        return response.json()["translations"][0]["score"]
+
+    with TestClient(app) as client:
+        wait_ready(client)
+        default = score()
+        assert default == score(beam_size=1, length_penalty=0.0)  # α 0: the score is the plain log-probability
+        assert default != score(length_penalty=2.0)  # the request's α wins over the model's
+        many = client.post("/v1/translate", json={"text": text, "n_best": 3}).json()["translations"][0]
+        assert len(many["alternatives"]) == 2  # the default beam 1 was raised to 3
+
+
+def test_a_bad_decoding_section_is_named_at_start(served_model_dir: Path, tmp_path: Path) -> None:
+    model_dir = tmp_path / "bad"
+    shutil.copytree(served_model_dir, model_dir)
+    meta = json.loads((model_dir / "model.json").read_text())
+    meta["decoding"] = {"beam_size": 0}
+    (model_dir / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelDirError, match=r"bad 'decoding' section: .*beam_size"):
+        read_model_dir(model_dir)
