@@ -130,8 +130,13 @@ def _resolve(registry: Registry, source: str, target: str) -> ServedModel:
         raise LibreError(400, str(error)) from None
 
 
-def _request(texts: list[str], n_best: int = 1, attention: bool = False) -> TranslateRequest:
-    return TranslateRequest(text=texts, beam_size=max(4, n_best), n_best=n_best, return_attention=attention)
+def _request(texts: list[str] | str, n_best: int = 1, attention: bool = False) -> TranslateRequest:
+    """A /v1 request with the server's decoding defaults; the beam widened to hold the alternatives asked for."""
+    fields: dict[str, Any] = {"text": texts, "n_best": n_best, "return_attention": attention}
+    default_beam = TranslateRequest.model_fields["beam_size"].default
+    if default_beam is not None and n_best > default_beam:  # a fixed default beam must hold the alternatives
+        fields["beam_size"] = n_best
+    return TranslateRequest(**fields)
 
 
 async def _translate_texts(texts: list[str], served: ServedModel, settings: Settings, n_best: int) -> list[Result]:
