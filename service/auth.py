@@ -130,10 +130,11 @@ def charge_chars(request: Request, caller: Caller, chars: int) -> None:
 _bearer = HTTPBearer(auto_error=False, description="an API key from MT_API_KEYS_FILE (when the server has one)")
 
 
-def require_key(
+async def require_key(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> Caller:
-    """The dependency of the /v1 routes: the Bearer key checked, one request charged (shown in /docs)."""
+    """The dependency of the /v1 routes: the Bearer key checked, one request charged (shown in /docs).
+    ``async`` so that FastAPI runs it on the event loop rather than in a worker thread."""
     return authorize(request, credentials.credentials if credentials else None)
 
 

@@ -5,12 +5,14 @@ replica counts its own callers; put a shared limit in the proxy in front when th
 written in ``limits`` notation (``120/minute``, ``5 per 2 seconds``), so its window is part of the setting.
 
 A request is checked against every limit that applies before anything is counted, so a refused request
-costs nothing; both happen without an ``await`` in between, so concurrent requests cannot overdraw a limit.
+costs nothing; check and count happen under one lock (FastAPI may call a dependency from worker threads),
+so concurrent requests cannot overdraw a limit.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass
 
@@ -60,6 +62,7 @@ class RateLimiter:
         ]
         self.rules = [rule for rule in candidates if rule is not None]
         self.limiter = FixedWindowRateLimiter(MemoryStorage())
+        self.lock = threading.Lock()
 
     def charge(self, caller: Caller, requests: int = 0, chars: int = 0) -> None:
         """Count ``requests`` and ``chars`` for ``caller``; AccessDenied 429 (with Retry-After) when that would
@@ -77,6 +80,10 @@ class RateLimiter:
                 )
             who = f"key:{caller.key_id}" if rule.per_key else f"address:{caller.address}"
             charges.append((rule, who, cost))
+        with self.lock:
+            self._check_and_hit(charges)
+
+    def _check_and_hit(self, charges: list[tuple[Rule, str, int]]) -> None:
         refused = [(rule, who) for rule, who, cost in charges if not self.limiter.test(rule.item, who, cost=cost)]
         if refused:
             wait = max(self.limiter.get_window_stats(rule.item, who).reset_time for rule, who in refused)

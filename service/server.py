@@ -50,7 +50,7 @@ class LimitedH11Protocol(H11Protocol):
         self.read_phase: str | None = None
         self.read_deadline: asyncio.TimerHandle | None = None
         super().connection_made(transport)
-        self._watch()
+        self._set_phase("head")  # a new connection owes a request head at once
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._set_phase(None)
@@ -76,11 +76,14 @@ class LimitedH11Protocol(H11Protocol):
         self._watch()
 
     def _watch(self) -> None:
-        """Keep the deadline that matches what the connection waits for: a head, a body, or nothing."""
+        """Keep the deadline that matches what the connection waits for: a head, a body, or nothing. Between
+        requests of a keep-alive connection nothing is owed (uvicorn's keep-alive timeout closes it when idle)
+        until the next head's first bytes arrive; from then on the head deadline runs."""
         if self.transport.is_closing():
             self._set_phase(None)
         elif self.conn.their_state is h11.IDLE:
-            self._set_phase("head")
+            started = self.read_phase == "head" or bool(self.conn.trailing_data[0])
+            self._set_phase("head" if started else None)
         elif self.conn.their_state is h11.SEND_BODY:
             self._set_phase("body")
         else:
