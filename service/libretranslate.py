@@ -188,7 +188,10 @@ async def _translate_all(
     any_model = next(iter(registry.models.values()))  # MT_MAX_ITEMS, MT_MAX_CHARS and the beam, as on /v1
     translation.check_limits(_request(texts if isinstance(body.q, list) else texts[0], n_best), settings, any_model)
     auto = body.source.strip().lower() == "auto"
-    detected = await detect(registry, texts) if auto else None
+    if auto and body.format == "html":  # the language of the text nodes, not of tag names and attributes
+        detected = await detect(registry, [" ".join(markup.parse(text).texts) for text in texts])
+    else:
+        detected = await detect(registry, texts) if auto else None
     sources = [d.language for d in detected] if detected else [body.source] * len(texts)
     pairs = [_resolve(registry, source, body.target).pair for source in sources]
     charge_chars(request, caller, sum(len(text) for text in texts))

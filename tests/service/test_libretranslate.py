@@ -202,3 +202,14 @@ def test_api_key_field_is_checked(keyed: Server, copy_sources: list[str]) -> Non
         f"{keyed.url}/detect", json={"q": GERMAN}, headers={"Authorization": "Bearer lt-key"}, timeout=60
     )
     assert bearer.status_code == 200 and bearer.json()[0]["language"] == "de"
+
+
+def test_auto_with_html_detects_the_text_not_the_markup(libre: Server) -> None:
+    # Tag names and attributes are English-looking; lingua reads this raw document as English (0.74).
+    html = (
+        '<div class="navigation-header"><a href="/home/welcome-page" title="Go back home">Zurück</a> '
+        '<span class="button primary">Weiter</span></div>'
+    )
+    response = post(libre, "/translate", q=html, source="auto", target="en", format="html")
+    assert response.status_code == 200, response.text
+    assert response.json()["detectedLanguage"]["language"] == "de"
