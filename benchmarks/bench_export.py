@@ -30,12 +30,14 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from export.calibrate import calibration_feeds
 from export.onnx_export import export_variant
 from model.config import preset
 from model.decode import translate_ids
 from model.decoding import PAPER
+from model.model_dir import read_model_dir
 from model.runtime import IoBindingStepFunction, OrtModel, session_options
-from model.search import FullTableStep, StepFunction
+from model.search import FullTableStep, StepFunction, StepOutput
 from model.signature import VARIANTS
 from model.tokenizer import Tokenizer
 from model.torch_step import TorchStepFunction
@@ -84,9 +86,9 @@ class Timed:
             step_fn = make(src_ids, src_pad_mask)  # the encoder runs here
             self.seconds += time.perf_counter() - started
 
-            def timed(tokens: np.ndarray, step: int, reorder: np.ndarray | None):
+            def timed(tokens: np.ndarray, step: int, reorder: np.ndarray | None, k: int) -> StepOutput:
                 started = time.perf_counter()
-                out = step_fn(tokens, step, reorder)
+                out = step_fn(tokens, step, reorder, k)
                 self.seconds += time.perf_counter() - started
                 return out
 
@@ -116,8 +118,8 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def prepare_model(args: argparse.Namespace, work: Path) -> tuple[Transformer, Path]:
-    """The model and an onnx/ directory holding the variants this run needs."""
+def prepare_model(args: argparse.Namespace, work: Path, srcs: list[list[int]]) -> tuple[Transformer, Path]:
+    """The model and an onnx/ directory holding the variants this run needs (int8 calibrated on ``srcs``)."""
     if args.model_dir is not None:
         model, _ = load_model(args.model_dir)
     else:
@@ -125,8 +127,12 @@ def prepare_model(args: argparse.Namespace, work: Path) -> tuple[Transformer, Pa
         model = Transformer(preset(args.preset, args.vocab)).eval()
     onnx_dir = work / "onnx"
     variants = ["fp32", "int8"] + (["fp16"] if "CUDAExecutionProvider" in args.providers else [])
+    calibration = None
     for variant in variants:
-        export_variant(model, onnx_dir, variant)
+        if variant == "int8":
+            fp32 = OrtModel.from_files(onnx_dir / VARIANTS["fp32"][0], onnx_dir / VARIANTS["fp32"][1], model.config)
+            calibration = calibration_feeds(fp32, srcs, PAPER)
+        export_variant(model, onnx_dir, variant, calibration)
     return model, onnx_dir
 
 
@@ -174,9 +180,10 @@ def main() -> None:
     if args.model_dir is None:  # random weights rarely emit EOS: stop at the source length instead
         search = replace(search, max_length_offset=0)
     with tempfile.TemporaryDirectory(prefix="bench-export-") as tmp:
-        model, onnx_dir = prepare_model(args, Path(tmp))
+        vocab = read_model_dir(args.model_dir).config.vocab_size if args.model_dir else args.vocab
+        srcs = sources(args, vocab)
+        model, onnx_dir = prepare_model(args, Path(tmp), srcs)
         cfg = model.config
-        srcs = sources(args, cfg.vocab_size)
         rows = implementations(args, model, onnx_dir)
         print(
             f"model: d_model {cfg.d_model}, {cfg.n_encoder_layers}+{cfg.n_decoder_layers} layers, vocab "
