@@ -204,7 +204,8 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BatchFailed)
     async def _batch(request: Request, exc: BatchFailed) -> JSONResponse:
         rid = request_id_var.get()
-        return error_response(500, f"translation failed on the server ({exc}); report request id {rid}")
+        # The engine's error text stays in the log (it may name server files or graph internals).
+        return error_response(500, f"translation failed on the server (see its log); report request id {rid}")
 
     @app.exception_handler(Exception)  # the last resort: RequestContext answers most unexpected errors itself
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
