@@ -20,6 +20,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from service.api import router
@@ -161,6 +162,11 @@ def _validation_detail(errors: list[dict]) -> tuple[int, str | list]:
 
 def add_error_handlers(app: FastAPI) -> None:
     retry = lambda: app_settings(app).retry_after_s  # noqa: E731 - read at answer time (settings may be overridden)
+
+    @app.exception_handler(ValidationError)  # a schema a route builds from request data (LibreTranslate's q)
+    async def _invalid_inside(request: Request, exc: ValidationError) -> JSONResponse:
+        _, detail = _validation_detail(list(exc.errors()))
+        return error_response(422, json.loads(json.dumps(detail, default=str)))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

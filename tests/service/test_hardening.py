@@ -187,11 +187,17 @@ def test_connections_past_the_limit_get_503(hardened: Server) -> None:
 
 
 @pytest.mark.parametrize(
-    "raw", ['{"text": "w01 \\ud800 w02"}', '{"text": ["w01", "\\udc00"]}', '{"text": "w01", "source": "\\ud800"}']
+    ("path", "raw"),
+    [
+        ("/v1/translate", '{"text": "w01 \\ud800 w02"}'),
+        ("/v1/translate", '{"text": ["w01", "\\udc00"]}'),
+        ("/v1/translate", '{"text": "w01", "source": "\\ud800"}'),
+        ("/translate", '{"q": "w01 \\ud800", "source": "src", "target": "tgt"}'),  # LibreTranslate's route
+    ],
 )
-def test_a_lone_surrogate_is_422_without_a_traceback(hardened: Server, raw: str) -> None:
+def test_a_lone_surrogate_is_422_without_a_traceback(hardened: Server, path: str, raw: str) -> None:
     response = httpx.post(
-        f"{hardened.url}/v1/translate",
+        f"{hardened.url}{path}",
         content=raw.encode(),
         headers={**bearer(PLAIN_KEY), "Content-Type": "application/json"},
         timeout=30,
