@@ -20,7 +20,7 @@ import onnxruntime as ort
 from model.config import ModelConfig
 from model.model_dir import read_model_dir
 from model.search import StepOutput, is_identity
-from model.signature import VARIANTS, GraphSignature, decoder_signature, encoder_signature, kv_names
+from model.signature import MAX_CANDIDATES, VARIANTS, GraphSignature, decoder_signature, encoder_signature, kv_names
 
 CPU = ("CPUExecutionProvider",)
 OPTIMIZATION_LEVELS = {
@@ -167,6 +167,10 @@ class OrtStepFunction:
 
     def __call__(self, tokens: np.ndarray, step: int, reorder: np.ndarray | None, k: int) -> StepOutput:
         tokens = np.asarray(tokens, dtype=np.int64)
+        if k > MAX_CANDIDATES:
+            raise ValueError(
+                f"the decoder graph returns at most {MAX_CANDIDATES} candidates per row, {k} asked: use a smaller beam"
+            )
         if reorder is not None and not is_identity(reorder, len(self.row_sentence)):
             reorder = np.asarray(reorder, dtype=np.int64)
             self.past = self._gather(self.past, reorder)

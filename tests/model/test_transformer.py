@@ -7,7 +7,7 @@ import torch
 
 from model.config import PRESETS, ModelConfig, preset
 from model.model_dir import write_model_json
-from model.transformer import Transformer, count_parameters, reorder_cache
+from model.transformer import Transformer, best_candidates, count_parameters, reorder_cache
 from model.weights import load_model, save_weights
 
 
@@ -163,3 +163,18 @@ def test_weights_round_trip_through_a_model_dir(tmp_path, dtype: torch.dtype) ->
         assert b.dtype == torch.float32, name
         tol = 0 if dtype == torch.float32 else 1e-3
         assert (a - b).abs().max().item() <= tol, name
+
+
+@pytest.mark.parametrize("vocab", [8000, 50])
+def test_best_candidates_equal_a_plain_top_k(vocab: int) -> None:
+    """The two-pass (grouped) top-k of large vocabularies returns exactly what one top-k over the row does
+    (equal values at the k-th place may be cut differently: any of them is a correct answer)."""
+    torch.manual_seed(0)
+    log_probs = torch.randn(64, vocab).log_softmax(-1)
+    log_probs[0, :] = log_probs[0, 0]  # one row of equal values: any k of them, each once
+    for k in (1, 9, 35):
+        scores, ids, eos = best_candidates(log_probs, k, eos_id=3)
+        expected_scores, expected_ids = torch.topk(log_probs[1:], k)
+        assert torch.equal(scores[1:], expected_scores) and torch.equal(ids[1:], expected_ids)
+        assert len(set(ids[0].tolist())) == k and bool((scores[0] == log_probs[0, 0]).all())
+        assert torch.equal(eos, log_probs[:, 3])
