@@ -98,6 +98,20 @@ def check_url(url: str) -> str:
     return url.rstrip("/")
 
 
+# The client's key variable (mt-serve knows it as a client variable and does not warn about it).
+API_KEY_ENV = "MT_API_KEY"
+
+
+def read_api_key(path: Path | None) -> str | None:
+    """The key from ``--api-key-file`` (first line) or the environment; a file keeps it out of ``ps``."""
+    if path is not None:
+        try:
+            return path.read_text(encoding="utf-8").strip().splitlines()[0].strip()
+        except (OSError, IndexError) as error:
+            raise ClientError(f"--api-key-file {path}: cannot read a key from it ({error or 'empty'})") from None
+    return os.environ.get(API_KEY_ENV) or None
+
+
 class HttpBackend:
     """``POST /v1/translate`` with retries: ``retries`` more attempts after the first, waits doubling from
     ``backoff_s`` (with jitter, so that many clients do not retry in step) unless the server says how long.
@@ -106,13 +120,20 @@ class HttpBackend:
     URL is wrong); once it has answered, connection errors are retried like 503s (a restart, a blip)."""
 
     def __init__(
-        self, url: str, request: RequestOptions, retries: int = 6, timeout_s: float = 120.0, backoff_s: float = 0.5
+        self,
+        url: str,
+        request: RequestOptions,
+        retries: int = 6,
+        timeout_s: float = 120.0,
+        backoff_s: float = 0.5,
+        api_key: str | None = None,
     ):
         self.url = check_url(url)
         self.request = request
         self.retries = retries
         self.backoff_s = backoff_s
-        self.client = httpx.AsyncClient(base_url=self.url, timeout=timeout_s)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.AsyncClient(base_url=self.url, timeout=timeout_s, headers=headers)
         self.reached = False
 
     async def close(self) -> None:
@@ -372,6 +393,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--server", metavar="URL", help="mt-serve base URL, e.g. http://127.0.0.1:8000")
     where.add_argument("--model", metavar="DIR", type=Path, help="exported model dir, translated in this process")
+    parser.add_argument(
+        "--api-key-file",
+        metavar="FILE",
+        type=Path,
+        help=f"file holding the API key for a server with keys on (or set {API_KEY_ENV}); sent as a Bearer token",
+    )
     parser.add_argument("-i", "--input", metavar="FILE", type=Path, help="input text, plain or .gz (default: stdin)")
     parser.add_argument("-o", "--output", metavar="FILE", type=Path, help="output (default: stdout)")
     parser.add_argument("--source", metavar="S", help="source language (needed when several models are served)")
@@ -419,7 +446,9 @@ async def run(args: argparse.Namespace, lines: list[str], done: list[str], out: 
     request = RequestOptions(args.source, args.target, args.beam_size, args.json, args.attention)
     backend: HttpBackend | LocalBackend
     if args.server:
-        backend = HttpBackend(args.server, request, retries=args.retries, timeout_s=args.timeout)
+        backend = HttpBackend(
+            args.server, request, retries=args.retries, timeout_s=args.timeout, api_key=read_api_key(args.api_key_file)
+        )
     else:
         backend = LocalBackend(args.model, request)
     bar = tqdm(total=len(lines), initial=len(done), unit=" lines", file=sys.stderr, disable=args.quiet, smoothing=0.1)

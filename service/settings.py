@@ -128,7 +128,7 @@ class Settings(BaseSettings):
 
 
 # MT_ variables that are not settings but are read elsewhere (docker/compose.yaml).
-OTHER_VARIABLES = frozenset({"MT_REPLICAS", "MT_USER_MODELS", "MT_PUBLISH_PORT", "MT_PUBLISH_ADDRESS"})
+OTHER_VARIABLES = frozenset({"MT_REPLICAS", "MT_USER_MODELS", "MT_PUBLISH_PORT", "MT_PUBLISH_ADDRESS", "MT_API_KEY"})
 
 
 def unknown_variables(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:

@@ -76,12 +76,14 @@ def server(client_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 class StandIn:
     """A loopback HTTP server in front of the real one: each ``POST /v1/translate`` is answered as ``plan``
-    says (an error status, optionally with Retry-After) or forwarded; the request bodies are recorded."""
+    says (an error status, optionally with Retry-After) or forwarded; bodies and Authorization headers are
+    recorded."""
 
     def __init__(self, upstream: str, plan: Plan) -> None:
         self.upstream = upstream
         self.plan = plan
         self.bodies: list[dict] = []
+        self.authorizations: list[str | None] = []  # the Authorization header of each request
         self.lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
@@ -101,6 +103,7 @@ class StandIn:
                 with stand_in.lock:
                     answer = stand_in.plan(len(stand_in.bodies))
                     stand_in.bodies.append(json.loads(body))
+                    stand_in.authorizations.append(self.headers.get("Authorization"))
                 headers = {"Content-Type": "application/json"}
                 if answer is None:
                     upstream = httpx.post(stand_in.upstream + self.path, content=body, headers=headers, timeout=30)

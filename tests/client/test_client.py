@@ -252,3 +252,21 @@ def test_chunks_count_only_sent_lines() -> None:
     assert chunks(lines, 0, 2) == [(0, 3), (3, 8)]
     assert chunks(lines, 3, 10) == [(3, 8)]
     assert chunks(lines, 8, 2) == []
+
+
+def test_api_key_is_sent_as_a_bearer_token(stand_in, lines, tmp_path, capsys, monkeypatch) -> None:
+    """From --api-key-file, else from MT_API_KEY; a 401 is not retried and says so."""
+    key_file = tmp_path / "key.txt"
+    key_file.write_text("s3cret-key\n")
+    source = write(tmp_path / "in.txt", lines[:3])
+    proxy = stand_in(lambda i: None)
+    assert mt_translate(["--server", proxy.url, "-i", str(source), "-q", "--api-key-file", str(key_file)]) == 0
+    monkeypatch.setenv("MT_API_KEY", "from-env")
+    assert mt_translate(["--server", proxy.url, "-i", str(source), "-q"]) == 0
+    monkeypatch.delenv("MT_API_KEY")
+    assert mt_translate(["--server", proxy.url, "-i", str(source), "-q"]) == 0
+    assert proxy.authorizations == ["Bearer s3cret-key", "Bearer from-env", None]
+    capsys.readouterr()
+    refusing = stand_in(lambda i: (401, None))
+    assert mt_translate(["--server", refusing.url, "-i", str(source), "-q", "--retries", "3"]) == 1
+    assert len(refusing.bodies) == 1 and "HTTP 401" in capsys.readouterr().err

@@ -29,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from export.cli import main as mt_export
 from service import cli as serve_cli
 from service.app import app_settings, create_app
+from service.client import API_KEY_ENV
 from service.client import parse_args as translate_args
 from service.settings import Settings, unknown_variables
 
@@ -383,3 +384,6 @@ def test_the_job_runs_mt_translate_against_the_service(kubectl: str) -> None:
     volumes = one(objects, "Job")["spec"]["template"]["spec"]["volumes"]
     (claim,) = [volume["persistentVolumeClaim"]["claimName"] for volume in volumes if volume["name"] == "data"]
     assert claim == one(objects, "PersistentVolumeClaim")["metadata"]["name"]
+    # The key comes from a Secret, under the variable the client reads.
+    (key,) = [env for env in container["env"] if env["name"] == API_KEY_ENV]
+    assert key["valueFrom"]["secretKeyRef"]["name"] == "mt-batch-api-key"
