@@ -19,12 +19,13 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from model.model_dir import ModelDirError
+from model.version import package_version
 from service.auth import KeyFileError
 from service.engine import EngineError, check_model_dir, resolve_device
 from service.logs import configure_logging
 from service.ratelimit import BadLimit
 from service.registry import describe
-from service.settings import Settings, package_version, settings_help
+from service.settings import Settings, settings_help
 
 logger = logging.getLogger("service.cli")
 

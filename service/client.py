@@ -29,7 +29,7 @@ from typing import Any, Protocol, TextIO
 import httpx
 from tqdm import tqdm
 
-from service.settings import package_version
+from model.version import package_version
 
 logger = logging.getLogger("mt-translate")
 

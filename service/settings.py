@@ -11,7 +11,6 @@ import os
 import textwrap
 from collections.abc import Mapping
 from functools import lru_cache
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -156,14 +155,6 @@ def settings_help(width: int = 100) -> str:
         text = (field.description or "").replace("`", "")
         lines += textwrap.wrap(f"{head}: {text}" if text else head, width, subsequent_indent="      ")
     return "\n".join(lines)
-
-
-def package_version() -> str:
-    """The installed mt-service version (for ``--version``)."""
-    try:
-        return version("mt-service")
-    except PackageNotFoundError:
-        return "unknown (not installed)"
 
 
 @lru_cache

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from model.version import package_version
 from training.config import ConfigError, load_config
 
 
@@ -15,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the Transformer of 'Attention Is All You Need' on parallel text and write a model "
         "directory (model.json, spm.model, weights.safetensors). Run under torchrun for DDP.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     parser.add_argument("--config", required=True, help="YAML config, e.g. training/configs/multi30k_de_en.yaml")
     parser.add_argument(
         "--set",

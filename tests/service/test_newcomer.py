@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import subprocess
 import sys
@@ -26,12 +27,13 @@ def test_the_app_warns_about_them(monkeypatch: pytest.MonkeyPatch, caplog: pytes
     assert "MT_MODEL is not a setting and is ignored; did you mean MT_MODELS?" in caplog.text
 
 
-@pytest.mark.parametrize("script", ["service.cli", "service.client"])
-def test_version(script: str) -> None:
+@pytest.mark.parametrize(
+    ("script", "name"), [("service.cli", "mt-serve"), ("service.client", "mt-translate"), ("training.cli", "mt-train")]
+)
+def test_version(script: str, name: str) -> None:
     result = subprocess.run([sys.executable, "-m", script, "--version"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
-    name = "mt-serve" if script == "service.cli" else "mt-translate"
-    assert result.stdout.strip() == f"{name} 0.1.0"
+    assert result.stdout.strip() == f"{name} {importlib.metadata.version('mt-service')}"
 
 
 def test_serve_help_lists_every_setting() -> None:
