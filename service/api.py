@@ -148,23 +148,23 @@ async def models(registry: RegistryDep) -> ModelsResponse:
     return ModelsResponse(models=out)
 
 
-@router.api_route(
+@router.head("/health/live", include_in_schema=False, response_model=None)  # load balancers probe with HEAD
+@router.get(
     "/health/live",
-    methods=["GET", "HEAD"],
     response_model=Health,
     response_model_exclude_none=True,
-    summary="The process is up",
+    summary="The process is up (HEAD too)",
 )
 async def live() -> Health:
     return Health(status="ok")
 
 
-@router.api_route(
+@router.head("/health/ready", include_in_schema=False, response_model=None)
+@router.get(
     "/health/ready",
-    methods=["GET", "HEAD"],  # load balancers probe with HEAD
     response_model=Health,
     responses={503: {"model": Health}},
-    summary="Models loaded and warm (503 while loading or shutting down)",
+    summary="Models loaded and warm (503 while loading or shutting down; HEAD too)",
 )
 async def ready(request: Request, state: StateDep, settings: SettingsDep) -> Health | JSONResponse:
     draining = request.app.state.draining  # set by mt-serve on SIGTERM, while requests are still served

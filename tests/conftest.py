@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -64,3 +65,14 @@ def trained_model_dir(tmp_path_factory: pytest.TempPathFactory, copy_task_dir: P
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="session")
+def served_model_dir(trained_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the trained copy-task model (src→tgt) with its fp32 ONNX graphs from ``mt-export``."""
+    from export.cli import main as mt_export  # torch and onnx load only for the tests that need a served model
+
+    model_dir = tmp_path_factory.mktemp("service") / "copy-model"
+    shutil.copytree(trained_model_dir, model_dir, ignore=shutil.ignore_patterns("onnx", "checkpoints", "*.png"))
+    assert mt_export([str(model_dir), "--quiet"]) == 0
+    return model_dir

@@ -13,7 +13,6 @@ import functools
 import importlib.metadata
 import os
 import re
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -26,7 +25,6 @@ import yaml
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from export.cli import main as mt_export
 from service import cli as serve_cli
 from service.app import app_settings, create_app
 from service.client import API_KEY_ENV
@@ -106,15 +104,6 @@ def covered(path: str, ingress: dict) -> bool:
             if item["pathType"] == "Prefix" and (path == prefix or path.startswith(prefix + "/") or prefix == ""):
                 return True
     return False
-
-
-@pytest.fixture(scope="module")
-def served_model_dir(trained_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny trained copy-task model with its ONNX graphs (what the pods serve, in miniature)."""
-    model_dir = tmp_path_factory.mktemp("k8s") / "copy-model"
-    shutil.copytree(trained_model_dir, model_dir, ignore=shutil.ignore_patterns("onnx", "checkpoints", "*.png"))
-    assert mt_export([str(model_dir), "--quiet"]) == 0
-    return model_dir
 
 
 def local_pod_env(objects: list[dict], tmp_path: Path, **overrides: str) -> dict[str, str]:

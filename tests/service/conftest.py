@@ -12,21 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from export.cli import main as mt_export
-
 # The helper modules next to this file (live_server, fault_server) are imported by the tests.
 sys.path.insert(0, str(Path(__file__).parent))
 
 from live_server import FAULT_ENV, FAULT_SERVER, Server, start_server
-
-
-@pytest.fixture(scope="session")
-def served_model_dir(trained_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the trained copy-task model (src→tgt) with its fp32 ONNX graphs from ``mt-export``."""
-    model_dir = tmp_path_factory.mktemp("service") / "copy-model"
-    shutil.copytree(trained_model_dir, model_dir, ignore=shutil.ignore_patterns("onnx", "checkpoints", "*.png"))
-    assert mt_export([str(model_dir), "--quiet"]) == 0
-    return model_dir
 
 
 @pytest.fixture(scope="session")
