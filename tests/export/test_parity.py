@@ -88,13 +88,14 @@ def test_int8_translation_does_not_depend_on_the_batch(exported_model_dir: Path,
     assert sum(tokenizer.decode(ids) == text for ids, text in zip(alone, copy_sources, strict=True)) >= 90
 
 
-def test_auto_picks_int8_on_cpu_only_when_static_and_recommended(exported_model_dir: Path) -> None:
+def test_auto_keeps_fp32_on_cpu_and_int8_is_asked_for(exported_model_dir: Path) -> None:
     manifest = read_manifest(exported_model_dir / "onnx")
     int8 = manifest["variants"]["int8"]
     assert int8["activation_scales"] == STATIC_SCALES
-    assert resolve_variant(manifest, "auto", "cpu") == ("int8" if int8["recommended"] else "fp32")
     int8["recommended"] = True
-    assert resolve_variant(manifest, "auto", "cpu") == "int8"
-    del int8["activation_scales"]  # an older export: dynamic quantization, batch-dependent
-    assert resolve_variant(manifest, "auto", "cpu") == "fp32"
+    assert resolve_variant(manifest, "auto", "cpu") == "fp32"  # the default path stays the reference
     assert resolve_variant(manifest, "int8", "cpu") == "int8"
+    manifest["variants"].setdefault("fp16", {})["recommended"] = True
+    assert resolve_variant(manifest, "auto", "cuda") == "fp16"
+    manifest["variants"]["fp16"]["recommended"] = False
+    assert resolve_variant(manifest, "auto", "cuda") == "fp32"
