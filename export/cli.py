@@ -13,6 +13,7 @@ from export.onnx_export import ExportError
 from export.pipeline import ExportInputError, ExportRequest, OutputExistsError, run_export
 from export.validate import ValidationError
 from model.model_dir import ModelDirError
+from model.version import package_version
 
 # Our packages log progress at INFO; third-party libraries (the exporter, quantization) stay at WARNING,
 # and the exporter's routine warnings (missing torchvision ops, axis renames) are dropped.
@@ -25,6 +26,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="mt-export",
         description="Export a model directory to ONNX (encoder + cached decoder step), validated against torch.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     parser.add_argument("model_dir", type=Path, help="model directory written by mt-train")
     parser.add_argument("--int8", action="store_true", help="also write the int8 dynamically quantized variant (CPU)")
     parser.add_argument("--fp16", action="store_true", help="also write the fp16 variant (GPU)")

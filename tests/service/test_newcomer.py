@@ -28,7 +28,13 @@ def test_the_app_warns_about_them(monkeypatch: pytest.MonkeyPatch, caplog: pytes
 
 
 @pytest.mark.parametrize(
-    ("script", "name"), [("service.cli", "mt-serve"), ("service.client", "mt-translate"), ("training.cli", "mt-train")]
+    ("script", "name"),
+    [
+        ("service.cli", "mt-serve"),
+        ("service.client", "mt-translate"),
+        ("training.cli", "mt-train"),
+        ("export.cli", "mt-export"),
+    ],
 )
 def test_version(script: str, name: str) -> None:
     result = subprocess.run([sys.executable, "-m", script, "--version"], capture_output=True, text=True, timeout=60)
