@@ -9,6 +9,10 @@ from typing import Any
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 
+# The string fields' allowed values (ModelConfig.problems checks them).
+CHOICES = {"activation": ("relu", "swish", "gelu"), "positions": ("interleaved", "halves")}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Hyper-parameters of the encoder-decoder Transformer (Vaswani et al., 2017, Table 3 names)."""
@@ -26,6 +30,11 @@ class ModelConfig:
     max_positions: int = 1024
     tie_embeddings: bool = True  # source, target and output embeddings share one matrix
     alignment_layer: int = -1  # decoder layer whose cross-attention (head mean) is returned
+    # Variants of the paper found in models people import (OPUS-MT / Marian); the defaults are the paper's.
+    activation: str = "relu"  # the FFN's non-linearity: relu (the paper), swish (Marian), gelu
+    positions: str = "interleaved"  # sinusoid layout: sin/cos interleaved (the paper) or "halves" [sin | cos]
+    scale_embedding: bool = True  # multiply embeddings by sqrt(d_model) (the paper); some imports do not
+    logits_bias: bool = False  # a learned bias on the output logits (Marian's final_logits_bias)
     pad_id: int = PAD_ID
     unk_id: int = UNK_ID
     bos_id: int = BOS_ID
@@ -59,8 +68,16 @@ class ModelConfig:
         ):
             out.append(f"alignment_layer {self.alignment_layer} is outside the {self.n_decoder_layers} decoder layers")
         ids = (self.pad_id, self.unk_id, self.bos_id, self.eos_id)
-        if len(set(ids)) != 4 or (isinstance(self.vocab_size, int) and max(ids) >= self.vocab_size):
-            out.append(f"special ids {ids} must be distinct and below vocab_size {self.vocab_size}")
+        # bos_id is the decoder's start token; it may be the pad id (Marian starts decoding from pad).
+        distinct = len({self.pad_id, self.unk_id, self.eos_id}) == 3 and self.bos_id not in (self.unk_id, self.eos_id)
+        if not distinct or (isinstance(self.vocab_size, int) and max(ids) >= self.vocab_size):
+            out.append(
+                f"special ids (pad, unk, bos, eos) {ids} must be below vocab_size {self.vocab_size} and distinct "
+                "(bos may equal pad)"
+            )
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                out.append(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
         return out
 
     @property

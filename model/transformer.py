@@ -28,14 +28,21 @@ DecoderCache = tuple[KV, ...]  # one self-attention KV per decoder layer
 CrossKV = tuple[KV, ...]  # one cross-attention KV per decoder layer, computed once from memory
 
 
-def sinusoidal_table(max_positions: int, d_model: int) -> Tensor:
-    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...), as in section 3.5."""
+def sinusoidal_table(max_positions: int, d_model: int, layout: str = "interleaved") -> Tensor:
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...), as in section 3.5 ("interleaved");
+    "halves" puts the same sines in the first half of the vector and the cosines in the second (Marian)."""
     position = torch.arange(max_positions, dtype=torch.float32)[:, None]
     inv_freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+    sin, cos = torch.sin(position * inv_freq), torch.cos(position * inv_freq[: d_model // 2])
+    if layout == "halves":
+        return torch.cat([sin, cos], dim=1)  # (P, D): [sin | cos]
     table = torch.zeros(max_positions, d_model)
-    table[:, 0::2] = torch.sin(position * inv_freq)
-    table[:, 1::2] = torch.cos(position * inv_freq[: d_model // 2])
+    table[:, 0::2] = sin
+    table[:, 1::2] = cos
     return table
+
+
+ACTIVATIONS = {"relu": F.relu, "swish": F.silu, "gelu": F.gelu}
 
 
 class MultiHeadAttention(nn.Module):
@@ -92,16 +99,17 @@ class MultiHeadAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Position-wise FFN(x) = max(0, x W1 + b1) W2 + b2."""
+    """Position-wise FFN(x) = act(x W1 + b1) W2 + b2; act is max(0, ·) in the paper (swish, gelu for imports)."""
 
-    def __init__(self, d_model: int, d_ff: int, activation_dropout: float) -> None:
+    def __init__(self, d_model: int, d_ff: int, activation_dropout: float, activation: str = "relu") -> None:
         super().__init__()
         self.w1 = nn.Linear(d_model, d_ff)
         self.w2 = nn.Linear(d_ff, d_model)
         self.activation_dropout = activation_dropout
+        self.act = ACTIVATIONS[activation]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.dropout(F.relu(self.w1(x)), self.activation_dropout, self.training))
+        return self.w2(F.dropout(self.act(self.w1(x)), self.activation_dropout, self.training))
 
 
 class SubLayer(nn.Module):
@@ -125,7 +133,7 @@ class EncoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
-        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation_dropout)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation_dropout, cfg.activation)
         self.self_attn_sub = SubLayer(cfg.d_model, cfg.dropout, cfg.pre_norm)
         self.ffn_sub = SubLayer(cfg.d_model, cfg.dropout, cfg.pre_norm)
 
@@ -140,7 +148,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
         self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
-        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation_dropout)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation_dropout, cfg.activation)
         self.self_attn_sub = SubLayer(cfg.d_model, cfg.dropout, cfg.pre_norm)
         self.cross_attn_sub = SubLayer(cfg.d_model, cfg.dropout, cfg.pre_norm)
         self.ffn_sub = SubLayer(cfg.d_model, cfg.dropout, cfg.pre_norm)
@@ -168,7 +176,9 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
         self.tgt_embed = None if cfg.tie_embeddings else nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.output_proj = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.register_buffer("pe", sinusoidal_table(cfg.max_positions, cfg.d_model), persistent=False)
+        self.register_buffer("pe", sinusoidal_table(cfg.max_positions, cfg.d_model, cfg.positions), persistent=False)
+        self.logits_bias = nn.Parameter(torch.zeros(cfg.vocab_size)) if cfg.logits_bias else None
+        self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
         self.embed_dropout = nn.Dropout(cfg.dropout)
         self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_encoder_layers))
         self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_decoder_layers))
@@ -194,7 +204,7 @@ class Transformer(nn.Module):
     def embed_tokens(self, tokens: Tensor, positions: Tensor, target: bool) -> Tensor:
         """tokens (N, T), positions (T,) or (N, T) → (N, T, D): scaled embedding + sinusoid, then dropout."""
         table = self.tgt_embed if (target and self.tgt_embed is not None) else self.embed
-        x = table(tokens) * math.sqrt(self.config.d_model) + self.pe[positions]
+        x = table(tokens) * self.embed_scale + self.pe[positions]
         return self.embed_dropout(x)
 
     def encode(self, src_ids: Tensor, src_pad_mask: Tensor) -> Tensor:
@@ -276,9 +286,12 @@ class Transformer(nn.Module):
         return out, tuple(new_cache), alignment
 
     def project(self, x: Tensor) -> Tensor:
+        """(N, T, D) → logits (N, T, V): the output projection (tied or not) plus the logits bias if any."""
         if self.output_proj is not None:
-            return self.output_proj(x)
-        return F.linear(x, self.tgt_embed.weight if self.tgt_embed is not None else self.embed.weight)
+            logits = self.output_proj(x)
+        else:
+            logits = F.linear(x, self.tgt_embed.weight if self.tgt_embed is not None else self.embed.weight)
+        return logits if self.logits_bias is None else logits + self.logits_bias
 
     def forward(self, src_ids: Tensor, src_pad_mask: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher-forced training pass: (B, S), (B, S), (B, T) → logits (B, T, V)."""

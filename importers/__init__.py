@@ -1,0 +1,1 @@
+"""Importers: models trained elsewhere (OPUS-MT / Marian) converted into our model dir (needs torch)."""
