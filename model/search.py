@@ -113,15 +113,20 @@ class Hypothesis:
 class _Finished(NamedTuple):
     score: float
     log_prob: float
-    step: int  # the call whose row chose EOS; the hypothesis has `step` tokens
+    call: int  # the step call whose row chose EOS
     row: int  # that row's index in that call
+    length: int  # tokens in the hypothesis (the sentence's decoding position at that call)
 
 
 class _History:
-    """Per-call tokens, reorder indices and cross-attention, to trace a finished row back to BOS."""
+    """Per-call tokens, reorder indices and cross-attention, to trace a finished row back to BOS.
+
+    Calls are numbered from 0; :meth:`forget_before` drops calls no live sentence can reach any more.
+    """
 
     def __init__(self, keep_attention: bool) -> None:
         self.keep_attention = keep_attention
+        self.first = 0  # the call number of tokens[0]
         self.tokens: list[np.ndarray] = []
         self.parents: list[np.ndarray | None] = []
         self.attention: list[np.ndarray] = []
@@ -140,20 +145,30 @@ class _History:
         self.attention.append(np.array(cross_attn, dtype=np.float32))
         self.src_len = self.attention[-1].shape[1]
 
-    def trace(self, step: int, row: int) -> tuple[list[int], np.ndarray | None]:
-        """Tokens (and attention rows) of the hypothesis that chose EOS at ``row`` of call ``step``."""
+    def forget_before(self, call: int) -> None:
+        drop = call - self.first
+        if drop > 0:
+            del self.tokens[:drop], self.parents[:drop], self.attention[:drop]
+            self.first = call
+
+    def trace(
+        self, finished: _Finished, src_len: int | None = None, attention: bool = True
+    ) -> tuple[list[int], np.ndarray | None]:
+        """Tokens (and attention rows, cut to ``src_len`` columns when given) of a finished hypothesis."""
         tokens: list[int] = []
         rows: list[np.ndarray] = []
-        for s in range(step, 0, -1):
-            tokens.append(int(self.tokens[s][row]))
-            row = int(self.parents[s][row])  # type: ignore[index]
-            if self.keep_attention:
-                rows.append(self.attention[s - 1][row])  # the row that predicted tokens[-1]
+        keep = self.keep_attention and attention
+        row = finished.row
+        for c in range(finished.call - self.first, finished.call - self.first - finished.length, -1):
+            tokens.append(int(self.tokens[c][row]))
+            row = int(self.parents[c][row])  # type: ignore[index]
+            if keep:
+                rows.append(self.attention[c - 1][row][:src_len])  # the row that predicted tokens[-1]
         tokens.reverse()
-        if not self.keep_attention:
+        if not keep:
             return tokens, None
         if not rows:
-            return tokens, np.zeros((0, self.src_len), dtype=np.float32)
+            return tokens, np.zeros((0, self.src_len if src_len is None else src_len), dtype=np.float32)
         return tokens, np.stack(rows[::-1])
 
 
@@ -168,25 +183,32 @@ class _Candidates(NamedTuple):
 
 
 def _top_candidates(
-    row_log_prob: np.ndarray, out: StepOutput, row_pos: np.ndarray, k: int, ban: list[int]
+    row_log_prob: np.ndarray,
+    out: StepOutput,
+    row_pos: np.ndarray,
+    k: np.ndarray,
+    ban: list[int],
+    eos_id: int,
+    eos_banned: np.ndarray,
 ) -> _Candidates:
-    """Up to ``k`` best finite candidates per sentence from the rows' own best (``out.scores``/``out.ids``).
+    """Up to ``k[pos]`` best finite candidates per sentence from the rows' own best (``out.scores``/``out.ids``).
 
     A candidate's value is its row's cumulative log prob plus its token's, in float64; candidates are
     ordered by sentence, then best value, ties going to the lower row, then the lower token id. Tokens
-    in ``ban`` are dropped (the step returned enough extra candidates per row to make up for them).
+    in ``ban``, and EOS on rows where ``eos_banned`` (N,), are dropped (the step returned enough extra
+    candidates per row to make up for them).
     """
     n_rows, width = out.ids.shape
     row = np.repeat(np.arange(n_rows), width)
     token = out.ids.reshape(-1)
     values = row_log_prob[row] + out.scores.reshape(-1).astype(np.float64)
-    keep = np.isfinite(values) & ~np.isin(token, ban)
+    keep = np.isfinite(values) & ~np.isin(token, ban) & ~(eos_banned[row] & (token == eos_id))
     row, token, values = row[keep], token[keep], values[keep]
     pos = row_pos[row]
     order = np.lexsort((token, row, -values, pos))  # by sentence, then best value, then row, then token
     pos, row, token, values = pos[order], row[order], token[order], values[order]
     rank = np.arange(pos.size) - np.searchsorted(pos, pos)
-    keep = rank < k
+    keep = rank < k[pos]
     return _Candidates(pos[keep], rank[keep], row[keep], token[keep].astype(np.int64), values[keep])
 
 
@@ -220,6 +242,124 @@ def _check_outputs(out: object, n_rows: int, k: int) -> StepOutput:
     return StepOutput(scores, ids, eos, attn)
 
 
+@dataclass
+class _Sentence:
+    key: object  # the caller's handle, returned with the hypotheses
+    options: DecodingOptions
+    max_len: int
+    start: int  # the call of its BOS row
+    src_len: int | None  # attention columns to keep (its own source with EOS); None keeps the step's width
+    pool: list[_Finished] = field(default_factory=list)
+
+
+class SearchBatch:
+    """The beam search's state over live sentences that may each have their own options and position.
+
+    One step: :meth:`rows` gives the next call's tokens and positions, the step function runs, and
+    :meth:`advance` applies its output, returning the sentences that finished (retired at once, rows
+    freed). :meth:`admit` adds a sentence at a step boundary: one BOS row after the live rows, at
+    position 0. :func:`beam_search` is the special case where every sentence is admitted before the first
+    call; a continuous batch (``model.continuous``) admits between calls. Rows are laid out sentence by
+    sentence in admission order, best beam first.
+    """
+
+    def __init__(
+        self,
+        *,
+        bos_id: int,
+        eos_id: int,
+        pad_id: int | None = None,
+        max_positions: int | None = None,
+        keep_attention: bool = True,
+    ) -> None:
+        self.bos_id, self.eos_id, self.max_positions = bos_id, eos_id, max_positions
+        self.banned = [bos_id] if pad_id is None else [bos_id, pad_id]
+        self.history = _History(keep_attention)
+        self.live: list[_Sentence] = []
+        self.call = 0  # the number of the next step call
+        self.row_pos = np.zeros(0, dtype=np.int64)  # (N,) each row's index into `live`
+        self.row_log_prob = np.zeros(0)  # (N,) cumulative log prob of each row, float64
+        self.tokens = np.zeros(0, dtype=np.int64)  # (N,) each row's last token
+        self.reorder: np.ndarray | None = None  # for the first rows: the previous call's row each continues
+        self.admitted = 0  # rows added since the last call (they come last)
+
+    def admit(self, key: object, src_len: int, options: DecodingOptions, attention_width: int | None = None) -> None:
+        """Add one sentence (``src_len`` source tokens, without EOS) for the next call."""
+        max_len = int(options.max_lengths([src_len])[0])
+        if self.max_positions is not None:
+            max_len = min(max_len, self.max_positions - 1)
+        self.live.append(_Sentence(key, options, max_len, self.call, attention_width))
+        self.row_pos = np.append(self.row_pos, len(self.live) - 1)
+        self.row_log_prob = np.append(self.row_log_prob, 0.0)
+        self.tokens = np.append(self.tokens, np.int64(self.bos_id))
+        self.admitted += 1
+
+    @property
+    def n_rows(self) -> int:
+        return self.tokens.size
+
+    def positions(self) -> np.ndarray:
+        """(N,) each row's decoding position: its sentence's calls so far."""
+        starts = np.array([s.start for s in self.live], dtype=np.int64)
+        return self.call - starts[self.row_pos]
+
+    def width(self) -> int:
+        """Candidates each row must return: a sentence's 2K best survive the banned tokens."""
+        return max(
+            2 * s.options.beam_size + len(self.banned) + int(self.call - s.start < s.options.min_length)
+            for s in self.live
+        )
+
+    def advance(self, raw_out: StepOutput, k: int) -> list[tuple[object, list[Hypothesis]]]:
+        """Apply one call's output; return the finished sentences' ``(key, hypotheses)``, best first."""
+        out = _check_outputs(raw_out, self.tokens.size, k)
+        self.history.record(self.tokens, self.reorder, out.cross_attn)
+        live, row_pos, call = self.live, self.row_pos, self.call
+        steps = np.array([call - s.start for s in live], dtype=np.int64)  # (n_live,)
+        max_lens = np.array([s.max_len for s in live], dtype=np.int64)
+        beams = np.array([s.options.beam_size for s in live], dtype=np.int64)
+        eos_banned = np.array([call - s.start < s.options.min_length for s in live], dtype=bool)[row_pos]
+        forced = max_lens <= steps  # (n_live,) sentences at their max length
+        for row in np.flatnonzero(forced[row_pos]):
+            sent = live[row_pos[row]]
+            log_prob = float(self.row_log_prob[row] + out.eos_log_probs[row])
+            score = log_prob / float(sent.options.penalty(steps[row_pos[row]] + 1))
+            _add_finished(
+                sent.pool, _Finished(score, log_prob, call, int(row), int(steps[row_pos[row]])), sent.options.n_best
+            )
+
+        cand = _top_candidates(self.row_log_prob, out, row_pos, 2 * beams, self.banned, self.eos_id, eos_banned)
+        is_eos = cand.token == self.eos_id
+        searching = ~forced[cand.pos]
+        for i in np.flatnonzero(is_eos & (cand.rank < beams[cand.pos]) & searching):
+            sent = live[cand.pos[i]]
+            log_prob = float(cand.log_prob[i])
+            score = log_prob / float(sent.options.penalty(steps[cand.pos[i]] + 1))
+            _add_finished(
+                sent.pool,
+                _Finished(score, log_prob, call, int(cand.row[i]), int(steps[cand.pos[i]])),
+                sent.options.n_best,
+            )
+        extend = ~is_eos & searching
+        extend &= _rank_among(extend, cand.rank) < beams[cand.pos]
+
+        done = forced | _can_stop(live, max_lens, steps, cand.pos[extend], cand.log_prob[extend])
+        extend &= ~done[cand.pos]
+        self.reorder, self.tokens = cand.row[extend], cand.token[extend]
+        self.row_log_prob = cand.log_prob[extend]
+        self.row_pos = (np.cumsum(~done) - 1)[cand.pos[extend]]
+        retired = [(s.key, [self._hypothesis(s, f) for f in s.pool]) for s, d in zip(live, done, strict=True) if d]
+        self.live = [s for s, d in zip(live, done, strict=True) if not d]
+        self.call += 1
+        self.admitted = 0
+        self.history.forget_before(min((s.start for s in self.live), default=self.call))
+        return retired
+
+    def _hypothesis(self, sent: _Sentence, finished: _Finished) -> Hypothesis:
+        tokens, attention = self.history.trace(finished, sent.src_len, sent.options.return_attention)
+        return Hypothesis(tokens, finished.score, finished.log_prob, attention)
+
+
 def beam_search(
     step_fn: StepFunction,
     src_lengths: Sequence[int] | np.ndarray,
@@ -239,81 +379,49 @@ def beam_search(
     ``max_positions`` (the network's position table) caps every max length at ``max_positions - 1``, so
     the forced EOS step still has a position.
     """
-    max_lens = config.max_lengths(src_lengths)  # (B,)
-    if max_positions is not None:
-        max_lens = np.minimum(max_lens, max_positions - 1)
-    banned = [bos_id] if pad_id is None else [bos_id, pad_id]
-    n_sent, k, n_best = max_lens.size, config.beam_size, config.n_best
-    pools: list[list[_Finished]] = [[] for _ in range(n_sent)]
-    history = _History(config.return_attention)
-    live = np.arange(n_sent)  # sentences still searching, input order
-    row_pos = np.arange(n_sent)  # (N,) each row's index into `live`
-    row_log_prob = np.zeros(n_sent)  # (N,) cumulative log prob of each row, float64
-    tokens = np.full(n_sent, bos_id, dtype=np.int64)
-    reorder: np.ndarray | None = None
-    step = 0
-    while live.size:
-        ban = [*banned, eos_id] if step < config.min_length else banned
-        width = 2 * k + len(ban)  # candidates per row: a sentence's 2K best survive the banned ones
-        out = _check_outputs(step_fn(tokens, step, reorder, width), tokens.size, width)
-        history.record(tokens, reorder, out.cross_attn)
-        forced = max_lens[live] <= step  # (n_live,) sentences at their max length
-        for row in np.flatnonzero(forced[row_pos]):
-            log_prob = float(row_log_prob[row] + out.eos_log_probs[row])
-            score = log_prob / float(config.penalty(step + 1))
-            pool = pools[live[row_pos[row]]]
-            _add_finished(pool, _Finished(score, log_prob, step, int(row)), n_best)
-
-        cand = _top_candidates(row_log_prob, out, row_pos, 2 * k, ban)
-        is_eos = cand.token == eos_id
-        searching = ~forced[cand.pos]
-        for i in np.flatnonzero(is_eos & (cand.rank < k) & searching):
-            log_prob = float(cand.log_prob[i])
-            score = log_prob / float(config.penalty(step + 1))
-            pool = pools[live[cand.pos[i]]]
-            _add_finished(pool, _Finished(score, log_prob, step, int(cand.row[i])), n_best)
-        extend = ~is_eos & searching
-        extend &= _rank_among(extend, cand.rank) < k
-
-        done = forced | _can_stop(config, pools, live, max_lens, cand.pos[extend], cand.log_prob[extend], step)
-        extend &= ~done[cand.pos]
-        reorder, tokens = cand.row[extend], cand.token[extend]
-        row_log_prob = cand.log_prob[extend]
-        row_pos = (np.cumsum(~done) - 1)[cand.pos[extend]]
-        live = live[~done]
-        step += 1
-    return [[_hypothesis(f, history) for f in pool] for pool in pools]
+    config.max_lengths(src_lengths)  # validates the lengths
+    batch = SearchBatch(
+        bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, max_positions=max_positions, keep_attention=config.return_attention
+    )
+    for i, length in enumerate(np.asarray(src_lengths).tolist()):
+        batch.admit(i, int(length), config)
+    results: list[list[Hypothesis]] = [[] for _ in range(batch.n_rows)]
+    while batch.live:
+        width = batch.width()
+        reorder = batch.reorder if batch.call else None
+        out = step_fn(batch.tokens, batch.call, reorder, width)
+        for i, hyps in batch.advance(out, width):
+            results[i] = hyps  # type: ignore[index]
+    return results
 
 
 def _can_stop(
-    config: DecodingOptions,
-    pools: list[list[_Finished]],
-    live: np.ndarray,
-    max_lens: np.ndarray,
-    beam_pos: np.ndarray,
-    beam_log_prob: np.ndarray,
-    step: int,
+    live: list[_Sentence], max_lens: np.ndarray, steps: np.ndarray, beam_pos: np.ndarray, beam_log_prob: np.ndarray
 ) -> np.ndarray:
     """Which live sentences are done: no beams left, or none can beat their ``n_best``-th finished one."""
-    best = np.full(live.size, NEG_INF)
+    best = np.full(len(live), NEG_INF)
     first = np.ones(beam_pos.size, dtype=bool)  # beams come grouped by sentence, best first
     first[1:] = beam_pos[1:] != beam_pos[:-1]
     best[beam_pos[first]] = beam_log_prob[first]
-    n_best = config.n_best
-    full = np.array([len(pools[s]) >= n_best for s in live], dtype=bool)
-    if config.beam_size == 1:
-        return full | (best == NEG_INF)  # greedy: the argmax path ends at the first EOS
-    nth = np.array([pools[s][n_best - 1].score if len(pools[s]) >= n_best else np.nan for s in live])
-    # Log probs only fall from here, and the final |Y| lies in [step + 2, max_len + 1]; lp is monotone in
-    # |Y|, so the best reachable score divides by one of the two ends.
-    with np.errstate(invalid="ignore"):
-        bound = np.maximum(best / config.penalty(step + 2), best / config.penalty(max_lens[live] + 1))
-        return (best == NEG_INF) | (full & (bound <= nth))
-
-
-def _hypothesis(finished: _Finished, history: _History) -> Hypothesis:
-    tokens, attention = history.trace(finished.step, finished.row)
-    return Hypothesis(tokens, finished.score, finished.log_prob, attention)
+    done = np.zeros(len(live), dtype=bool)
+    groups: dict[tuple[DecodingOptions, int], list[int]] = {}
+    for i, sent in enumerate(live):
+        groups.setdefault((sent.options, int(steps[i])), []).append(i)
+    for (config, step), members in groups.items():
+        idx = np.array(members)
+        n_best = config.n_best
+        full = np.array([len(live[i].pool) >= n_best for i in members], dtype=bool)
+        if config.beam_size == 1:
+            done[idx] = full | (best[idx] == NEG_INF)  # greedy: the argmax path ends at the first EOS
+            continue
+        nth = np.array([live[i].pool[n_best - 1].score if len(live[i].pool) >= n_best else np.nan for i in members])
+        # Log probs only fall from here, and the final |Y| lies in [step + 2, max_len + 1]; lp is monotone in
+        # |Y|, so the best reachable score divides by one of the two ends.
+        with np.errstate(invalid="ignore"):
+            b = best[idx]
+            bound = np.maximum(b / config.penalty(step + 2), b / config.penalty(max_lens[idx] + 1))
+            done[idx] = (b == NEG_INF) | (full & (bound <= nth))
+    return done
 
 
 def greedy_search(

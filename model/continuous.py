@@ -1,0 +1,189 @@
+"""Continuous batching: sentences join and leave a running decoder batch at every step boundary (no torch).
+
+:class:`ContinuousBatch` drives :class:`model.search.SearchBatch` (the one beam search) one step at a
+time: :meth:`~ContinuousBatch.admit` queues a sentence with its own :class:`DecodingOptions`; each
+:meth:`~ContinuousBatch.step` joins the queued sentences to the live rows (one BOS row each, at position
+0), runs one decoder call over every row, and returns the sentences that finished, whose rows are freed
+before the next call. A sentence's hypotheses do not depend on what shares its steps (up to float
+summation order: fp32 scores agree to ~1e-6 with the sentence decoded alone).
+
+:class:`OrtRowStep` is the step side over an :class:`OrtModel`'s fp32/int8/fp16 graphs on host buffers.
+Rows at different positions share one call through a *left-padded* self-attention cache: each row's
+past fills the last ``position`` of the P slots and the slots before are masked (``self_pad_mask`` True).
+Every call appends one slot to every row, so the alignment holds; slots masked on every row (the oldest
+sentence retired) are cut off, as are source columns that are padding on every row.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import NamedTuple
+
+import numpy as np
+
+from model.config import ModelConfig
+from model.decoding import DecodingOptions
+from model.runtime import OrtModel
+from model.search import Hypothesis, SearchBatch, StepOutput, is_identity
+from model.signature import MAX_CANDIDATES
+from model.tokenizer import pad_sources
+
+log = logging.getLogger(__name__)
+
+
+class Admitted(NamedTuple):
+    """Sentences joining at this call: their rows come after the continuing rows, one per sentence."""
+
+    src_ids: np.ndarray  # (B, S) int64, EOS appended, right-padded
+    src_pad_mask: np.ndarray  # (B, S) bool, True = padding
+
+
+class OrtRowStep:
+    """A decoder step whose rows may sit at different positions; rows are added and dropped between calls.
+
+    :meth:`keep` ``(reorder (R,))`` gives, for each row to keep, the previous call's row it continues; rows
+    not named are freed at once (retired sentences, pruned beams). ``__call__(tokens (N,), positions (N,),
+    k, admitted)`` then decodes the kept rows and, after them, one row per ``admitted`` sentence (N = R + B).
+    """
+
+    def __init__(self, model: OrtModel) -> None:
+        self.model = model
+        cfg = model.config
+        self.past = model.empty_cache(0)  # each (N, H, P, Dh)
+        self.self_mask = np.zeros((0, 0), dtype=bool)  # (N, P) True = a slot the row must not see
+        self.cross = [np.zeros((0, cfg.n_heads, 0, cfg.head_dim), model.cache_dtype) for _ in model.cross_names]
+        self.src_mask = np.zeros((0, 0), dtype=bool)  # (N, S)
+        self.row_sentence = np.zeros(0, dtype=np.int64)  # an id per admitted sentence, for each row
+        self.next_sentence = 0
+
+    @property
+    def n_rows(self) -> int:
+        return self.row_sentence.size
+
+    @property
+    def past_len(self) -> int:
+        return self.self_mask.shape[1]
+
+    def __call__(self, tokens: np.ndarray, positions: np.ndarray, k: int, admitted: Admitted | None) -> StepOutput:
+        if k > MAX_CANDIDATES:
+            raise ValueError(
+                f"the decoder graph returns at most {MAX_CANDIDATES} candidates per row, {k} asked: use a smaller beam"
+            )
+        if admitted is not None:
+            self._add(admitted)
+        n_rows = self.n_rows
+        if tokens.shape != (n_rows,) or positions.shape != (n_rows,):
+            raise ValueError(f"{tokens.shape[0]} tokens and {positions.shape[0]} positions for {n_rows} rows")
+        feeds = {
+            "tokens": np.asarray(tokens, dtype=np.int64)[:, None],  # (N, 1)
+            "positions": np.asarray(positions, dtype=np.int64)[:, None],  # (N, 1)
+            "top_k": np.zeros(min(k, self.model.config.vocab_size), dtype=np.int64),  # (k,)
+            "src_pad_mask": self.src_mask,  # (N, S)
+            "self_pad_mask": self.self_mask,  # (N, P)
+        }
+        feeds.update(zip(self.model.past_names, self.past, strict=True))
+        feeds.update(zip(self.model.cross_names, self.cross, strict=True))
+        scores, ids, eos, cross_attn, *self.past = self.model.decoder.run(None, feeds)
+        self.self_mask = np.concatenate([self.self_mask, np.zeros((n_rows, 1), dtype=bool)], axis=1)  # (N, P+1)
+        return StepOutput(scores, ids, eos, cross_attn)
+
+    def keep(self, reorder: np.ndarray) -> None:
+        """Gather the continuing rows (freeing the others), then cut cache slots and source columns no row sees."""
+        reorder = np.asarray(reorder, dtype=np.int64)
+        if not is_identity(reorder, self.n_rows):
+            self.past = [np.take(kv, reorder, axis=0) for kv in self.past]
+            self.self_mask = self.self_mask[reorder]
+            row_sentence = self.row_sentence[reorder]
+            if not np.array_equal(row_sentence, self.row_sentence):  # expansion, retired or pruned sentences
+                self.cross = [np.take(kv, reorder, axis=0) for kv in self.cross]
+                self.src_mask = self.src_mask[reorder]
+                self.row_sentence = row_sentence
+        seen = (~self.self_mask).any(axis=0)  # (P,) slots some row attends to
+        unseen = int(np.argmax(seen)) if seen.any() else self.past_len  # leading slots no row sees
+        if unseen:
+            self.past = [kv[:, :, unseen:] for kv in self.past]
+            self.self_mask = self.self_mask[:, unseen:]
+        used = (~self.src_mask).any(axis=0)  # (S,) source columns some row reads
+        width = int(np.flatnonzero(used)[-1]) + 1 if used.any() else 0
+        if width < self.src_mask.shape[1]:
+            self.cross = [kv[:, :, :width] for kv in self.cross]
+            self.src_mask = self.src_mask[:, :width]
+
+    def _add(self, admitted: Admitted) -> None:
+        """Encode the newcomers and append their rows: an all-masked past, their cross K/V (sources padded)."""
+        src_mask = np.asarray(admitted.src_pad_mask, dtype=bool)
+        new_cross = self.model.encode(admitted.src_ids, src_mask)  # each (B, H, S', Dh)
+        n_new, new_len = src_mask.shape
+        width = max(new_len, self.src_mask.shape[1])
+        self.src_mask = np.concatenate([_pad_cols(self.src_mask, width, True), _pad_cols(src_mask, width, True)])
+        self.cross = [
+            np.concatenate([_pad_axis2(old, width), _pad_axis2(new, width)])
+            for old, new in zip(self.cross, new_cross, strict=True)
+        ]
+        self.past = [np.concatenate([kv, np.zeros((n_new, *kv.shape[1:]), kv.dtype)]) for kv in self.past]
+        self.self_mask = np.concatenate([self.self_mask, np.ones((n_new, self.past_len), dtype=bool)])
+        ids = np.arange(self.next_sentence, self.next_sentence + n_new)
+        self.row_sentence = np.concatenate([self.row_sentence, ids])
+        self.next_sentence += n_new
+
+
+def _pad_cols(mask: np.ndarray, width: int, value: bool) -> np.ndarray:
+    return np.pad(mask, ((0, 0), (0, width - mask.shape[1])), constant_values=value)
+
+
+def _pad_axis2(kv: np.ndarray, width: int) -> np.ndarray:
+    return np.pad(kv, ((0, 0), (0, 0), (0, width - kv.shape[2]), (0, 0)))  # (N, H, S, Dh) → (N, H, width, Dh)
+
+
+class ContinuousBatch:
+    """A running beam search that admits sentences and retires finished ones at every step boundary."""
+
+    def __init__(self, step: OrtRowStep, config: ModelConfig) -> None:
+        self.step_fn = step
+        self.config = config
+        self.search = SearchBatch(
+            bos_id=config.bos_id, eos_id=config.eos_id, pad_id=config.pad_id, max_positions=config.max_positions
+        )
+        self.pending: list[tuple[object, list[int], DecodingOptions]] = []
+
+    @property
+    def live_rows(self) -> int:
+        """Rows decoded by the next call for the sentences already live (newcomers not counted)."""
+        return self.search.n_rows
+
+    @property
+    def live_sentences(self) -> int:
+        return len(self.search.live)
+
+    @property
+    def idle(self) -> bool:
+        return not self.search.live and not self.pending
+
+    def admit(self, key: object, src_ids: list[int], options: DecodingOptions) -> None:
+        """Queue one sentence (subword ids, without EOS) to join at the next step; ``key`` comes back with it."""
+        width = 2 * options.beam_size + 3  # BOS, PAD and an early EOS banned
+        if width > MAX_CANDIDATES:
+            raise ValueError(
+                f"beam_size {options.beam_size} needs {width} candidates per row; the graph gives {MAX_CANDIDATES}"
+            )
+        self.pending.append((key, list(src_ids), options))
+
+    def step(self) -> list[tuple[object, list[Hypothesis]]]:
+        """Join the queued sentences, run one decoder call, and return the finished ``(key, hypotheses)``."""
+        search = self.search
+        admitted = None
+        if self.pending:
+            src_ids, src_mask = pad_sources([src for _, src, _ in self.pending], max_len=self.config.max_positions)
+            lengths = (~src_mask).sum(axis=1)  # with the EOS: the sentence's attention columns
+            for (key, _, options), length in zip(self.pending, lengths.tolist(), strict=True):
+                search.admit(key, length - 1, options, attention_width=length)
+            admitted = Admitted(src_ids, src_mask)
+            self.pending = []
+        if not search.live:
+            return []
+        width = search.width()
+        out = self.step_fn(search.tokens, search.positions(), width, admitted)
+        retired = search.advance(out, width)
+        self.step_fn.keep(search.reorder)  # the retired sentences' rows are freed now, not at the next call
+        log.debug("continuous step: %d rows, %d retired", out.scores.shape[0], len(retired))
+        return retired

@@ -1,0 +1,112 @@
+"""Continuous batching over the exported copy model: sentences joining at random steps == each decoded alone.
+
+The reference is the static beam search (``model.search.beam_search`` over ``OrtStepFunction``) on one
+sentence at a time; the continuous batch mixes beam sizes, n-best, length penalties and max lengths, with
+rows at different positions sharing every call through the padded, masked self-attention cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model.continuous import ContinuousBatch, OrtRowStep
+from model.decode import search_batch
+from model.decoding import DecodingOptions
+from model.runtime import OrtModel
+from model.search import Hypothesis
+from model.tokenizer import Tokenizer, pad_sources
+
+
+@pytest.fixture(scope="module")
+def ort_model(served_model_dir: Path) -> OrtModel:
+    return OrtModel.load(served_model_dir, "fp32")
+
+
+@pytest.fixture(scope="module")
+def sources(served_model_dir: Path, copy_task_dir: Path) -> list[list[int]]:
+    """150 held-out copy-task sentences (test and valid splits) as subword ids."""
+    tokenizer = Tokenizer(served_model_dir / "spm.model")
+    lines = [
+        *(copy_task_dir / "test.src").read_text().splitlines(),
+        *(copy_task_dir / "valid.src").read_text().splitlines(),
+    ]
+    return tokenizer.encode_batch(lines)
+
+
+def decode_alone(model: OrtModel, src: list[int], options: DecodingOptions) -> list[Hypothesis]:
+    src_ids, src_mask = pad_sources([src], max_len=model.config.max_positions)
+    (hyps,) = search_batch(model.step_function(src_ids, src_mask), [len(src)], model.config, options)
+    return hyps
+
+
+def random_options(rng: np.random.Generator) -> DecodingOptions:
+    beam = int(rng.integers(1, 6))
+    max_length = [None, None, None, 3][rng.integers(4)]  # some sentences end at their max length
+    return DecodingOptions(
+        beam_size=beam,
+        n_best=int(rng.integers(1, beam + 1)),
+        length_penalty=float(rng.choice([0.0, 0.6, 1.0])),
+        max_length=max_length,
+        min_length=int(rng.choice([0, 0, 2])),
+        return_attention=bool(rng.integers(2)),
+    )
+
+
+def test_sentences_joining_at_random_steps_decode_as_if_alone(ort_model: OrtModel, sources: list[list[int]]) -> None:
+    rng = np.random.default_rng(0)
+    options = [random_options(rng) for _ in sources]
+    batch = ContinuousBatch(OrtRowStep(ort_model), ort_model.config)
+    results: dict[int, list[Hypothesis]] = {}
+    waiting = list(range(len(sources)))
+    mixed_positions = 0
+    while waiting or not batch.idle:
+        for _ in range(int(rng.integers(0, 5))):  # 0-4 sentences arrive before this step
+            if waiting:
+                i = waiting.pop(0)
+                batch.admit(i, sources[i], options[i])
+        positions = batch.search.positions()
+        mixed_positions += len(np.unique(positions)) > 1
+        for key, hyps in batch.step():
+            results[key] = hyps
+        assert batch.step_fn.n_rows == batch.live_rows  # retired rows are freed at once
+    assert mixed_positions > 20  # rows at different positions really shared calls
+    assert sorted(results) == list(range(len(sources)))
+    copied = 0
+    for i, src in enumerate(sources):
+        alone = decode_alone(ort_model, src, options[i])
+        got = results[i]
+        assert [h.tokens for h in got] == [h.tokens for h in alone], (i, options[i])
+        np.testing.assert_allclose([h.score for h in got], [h.score for h in alone], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose([h.log_prob for h in got], [h.log_prob for h in alone], rtol=1e-5, atol=1e-5)
+        for g, a in zip(got, alone, strict=True):
+            assert (g.attention is None) == (a.attention is None) == (not options[i].return_attention)
+            if a.attention is not None:
+                np.testing.assert_allclose(g.attention, a.attention, atol=1e-5)
+        copied += got[0].tokens == src
+    assert copied >= 0.5 * len(sources)  # real translations (max_length 3 cuts some), not degenerate ones
+
+
+def test_a_retired_sentence_frees_its_rows_and_cache(ort_model: OrtModel, sources: list[list[int]]) -> None:
+    short = min(sources, key=len)
+    long = max(sources, key=len)
+    step = OrtRowStep(ort_model)
+    batch = ContinuousBatch(step, ort_model.config)
+    batch.admit("long", long, DecodingOptions(beam_size=2))
+    batch.step()
+    batch.step()
+    batch.admit("short", short, DecodingOptions(beam_size=4, max_length=2))
+    rows = []
+    retired: list[object] = []
+    while not retired:
+        retired = [key for key, _ in batch.step()]
+        rows.append(batch.live_rows)
+    assert retired == ["short"]
+    assert rows[-2:] == [2 + 4, 2]  # the short sentence's 4 beams are gone right after it finished
+    assert step.n_rows == 2 and step.past_len == 2 + len(rows)  # the long one's cache: no padding left
+    while not batch.idle:
+        retired += [key for key, _ in batch.step()]
+    assert retired == ["short", "long"]
+    assert step.n_rows == 0 and step.past_len == 0 and step.src_mask.shape == (0, 0)
