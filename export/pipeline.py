@@ -41,7 +41,7 @@ from model.manifest import STATIC_SCALES
 from model.model_dir import ModelDirError, read_model_dir
 from model.runtime import OrtModel
 from model.signature import VARIANTS
-from model.tokenizer import Tokenizer
+from model.tokenizer import Tokenizer, load_tokenizer
 from model.torch_step import TorchStepFunction
 from model.transformer import Transformer
 from model.weights import load_model
@@ -154,7 +154,7 @@ def run_export(request: ExportRequest) -> dict[str, Any]:
     _check_request(request, target)
     variants = ["fp32", *(v for v in ("int8", "fp16") if v in request.variants)]
     model, _ = load_model(info.path)
-    tokenizer = Tokenizer(info.tokenizer_file)
+    tokenizer = load_tokenizer(info)
     if tokenizer.vocab_size != info.config.vocab_size:
         raise ModelDirError(
             f"{info.tokenizer_file} has {tokenizer.vocab_size} pieces but model.json says vocab_size "

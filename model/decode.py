@@ -52,7 +52,9 @@ def translate_ids(
     out: list[list[int]] = [[] for _ in sources]
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        src_ids, src_mask = pad_sources([list(sources[i]) for i in chunk], max_len=config.max_positions)
+        src_ids, src_mask = pad_sources(
+            [list(sources[i]) for i in chunk], config.max_positions, config.pad_id, config.eos_id
+        )
         lengths = (~src_mask).sum(axis=1) - 1  # without the EOS
         for i, hyps in zip(chunk, search_batch(make_step(src_ids, src_mask), lengths, config, search), strict=True):
             out[i] = hyps[0].tokens

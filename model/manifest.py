@@ -16,7 +16,7 @@ from typing import Any
 
 from model.model_dir import ModelDirError, ModelInfo, read_model_dir
 from model.signature import VARIANTS
-from model.tokenizer import Tokenizer
+from model.tokenizer import Tokenizer, VocabTokenizer, load_tokenizer
 
 MANIFEST = "manifest.json"
 STATIC_SCALES = "static: calibrated at export"  # an int8 entry's activation_scales when batch-independent
@@ -77,14 +77,14 @@ class ModelCheck:
     info: ModelInfo
     manifest: dict
     variant: str
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | VocabTokenizer
 
 
 def check_model_dir(path: str | Path, variant: str = "auto", device: str = "cpu") -> ModelCheck:
     """Check everything needed to serve ``path`` before loading graphs; raises ModelDirError naming the file."""
     info = read_model_dir(path)
     try:
-        tokenizer = Tokenizer(info.tokenizer_file)
+        tokenizer = load_tokenizer(info)
     except (OSError, RuntimeError, ValueError) as e:
         raise ModelDirError(f"{info.tokenizer_file} is not a usable SentencePiece model ({e})") from e
     if tokenizer.vocab_size != info.config.vocab_size:

@@ -38,6 +38,8 @@ class ModelInfo:
     # The model's decoding defaults (model.json "decoding", e.g. tuned on val by scripts/tune_decoding.py);
     # the paper's where absent. Requests that leave beam_size/length_penalty unset get these.
     decoding: DecodingOptions = PAPER
+    # model.json's "tokenizer" when it is not one joint spm file: {"type": "marian", "source", "target", "vocab"}
+    tokenizer_spec: dict[str, str] | None = None
 
     @property
     def name(self) -> str:
@@ -77,12 +79,17 @@ def read_model_dir(path: str | Path) -> ModelInfo:
         config = ModelConfig.from_dict(meta["model"])
     except (TypeError, ValueError) as e:
         raise ModelDirError(f"{meta_path}: bad 'model' section: {e}") from e
-    tokenizer_file = path / meta.get("tokenizer", "spm.model")
+    spec = meta.get("tokenizer", "spm.model")
+    # A string names our one joint SentencePiece model; an imported Marian model names its pair and vocabulary.
+    files = {"model": spec} if isinstance(spec, str) else {k: v for k, v in spec.items() if k != "type"}
+    missing = [str(path / name) for name in files.values() if not (path / name).is_file()]
+    if missing:
+        raise ModelDirError(f"{', '.join(missing)} missing (the tokenizer files named in {meta_path})")
+    tokenizer_file = path / (spec if isinstance(spec, str) else spec["source"])
     weights_file = path / meta.get("weights", "weights.safetensors")
-    if not tokenizer_file.is_file():
-        raise ModelDirError(f"{tokenizer_file} is missing (the SentencePiece model named in {meta_path})")
     return ModelInfo(
         decoding=_decoding(meta.get("decoding") or {}, meta_path),
+        tokenizer_spec=None if isinstance(spec, str) else dict(spec),
         path=path,
         config=config,
         source_lang=meta["source_lang"],

@@ -1,13 +1,16 @@
-"""SentencePiece wrapper: one joint source/target vocabulary, text <-> ids, and the special ids."""
+"""SentencePiece wrappers, text <-> ids: our joint vocabulary, or an imported Marian model's pair of models
+mapped through its shared vocabulary file; and padding sources for the encoder."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
 
-from model.config import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from model.config import BOS_ID, EOS_ID, PAD_ID, UNK_ID, ModelConfig
+from model.model_dir import ModelInfo
 
 
 class Tokenizer:
@@ -48,7 +51,52 @@ class Tokenizer:
         return [self.sp.id_to_piece(i) for i in ids]
 
 
-def pad_sources(seqs: list[list[int]], max_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+class VocabTokenizer:
+    """A Marian (OPUS-MT) tokenizer: ``source.spm`` cuts source text and ``target.spm`` joins target pieces,
+    and ``vocab.json`` maps pieces to the network's ids (they differ from either spm's own ids)."""
+
+    def __init__(self, source: Path, target: Path, vocab: Path, config: ModelConfig) -> None:
+        self.path = Path(source)
+        self.source = spm.SentencePieceProcessor(model_file=str(source))
+        self.target = spm.SentencePieceProcessor(model_file=str(target))
+        self.vocab: dict[str, int] = json.loads(Path(vocab).read_text(encoding="utf-8"))
+        self.id_to_piece = {i: piece for piece, i in self.vocab.items()}
+        self.pad_id, self.unk_id, self.bos_id, self.eos_id = config.pad_id, config.unk_id, config.bos_id, config.eos_id
+        self._special = {self.pad_id, self.bos_id, self.eos_id}
+
+    @property
+    def vocab_size(self) -> int:
+        return max(self.vocab.values()) + 1
+
+    def encode(self, text: str) -> list[int]:
+        return [self.vocab.get(piece, self.unk_id) for piece in self.source.encode(text, out_type=str)]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(text) for text in texts]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.target.decode([self.id_to_piece.get(i, "<unk>") for i in ids if i not in self._special])
+
+    def decode_batch(self, batch: list[list[int]]) -> list[str]:
+        return [self.decode(ids) for ids in batch]
+
+    def pieces(self, ids: list[int]) -> list[str]:
+        return [self.id_to_piece.get(i, "<unk>") for i in ids]
+
+
+def load_tokenizer(info: ModelInfo) -> Tokenizer | VocabTokenizer:
+    """The tokenizer a model dir declares: our joint spm, or an imported model's spm pair + vocabulary."""
+    spec = info.tokenizer_spec
+    if spec is None:
+        return Tokenizer(info.tokenizer_file)
+    if spec.get("type") != "marian":
+        raise ValueError(f"{info.path / 'model.json'}: unknown tokenizer type {spec.get('type')!r}; expected marian")
+    return VocabTokenizer(*(info.path / spec[k] for k in ("source", "target", "vocab")), info.config)
+
+
+def pad_sources(
+    seqs: list[list[int]], max_len: int | None = None, pad_id: int = PAD_ID, eos_id: int = EOS_ID
+) -> tuple[np.ndarray, np.ndarray]:
     """Source ids as the encoder expects them: EOS appended, right-padded.
 
     Returns ids (B, S) int64 and the padding mask (B, S) bool, True at padding. ``max_len`` truncates
@@ -57,10 +105,10 @@ def pad_sources(seqs: list[list[int]], max_len: int | None = None) -> tuple[np.n
     if max_len is not None:
         seqs = [s[: max_len - 1] for s in seqs]
     width = max(len(s) for s in seqs) + 1
-    ids = np.full((len(seqs), width), PAD_ID, dtype=np.int64)
+    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
     mask = np.ones((len(seqs), width), dtype=bool)
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = s
-        ids[i, len(s)] = EOS_ID
+        ids[i, len(s)] = eos_id
         mask[i, : len(s) + 1] = False
     return ids, mask

@@ -19,7 +19,7 @@ from pathlib import Path
 from model.decode import score_translations, translate_ids
 from model.decoding import DecodingOptions
 from model.model_dir import MODEL_JSON, atomic_write_text
-from model.tokenizer import Tokenizer
+from model.tokenizer import load_tokenizer
 from model.torch_step import TorchStepFunction
 from model.weights import load_model
 
@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--length-penalty", type=float, default=0.6)
     args = parser.parse_args()
     model, info = load_model(args.model_dir)
-    tokenizer = Tokenizer(info.tokenizer_file)
+    tokenizer = load_tokenizer(info)
     sources, refs = read(args.src), read(args.ref)
     search = DecodingOptions(beam_size=args.beam_size, length_penalty=args.length_penalty)
     started = time.perf_counter()

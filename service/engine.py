@@ -144,7 +144,8 @@ class Engine:
         """Decode one batch of non-empty tokenized sources; one result per source, in order."""
         if not sources:
             return []
-        ids, mask = pad_sources([list(s) for s in sources])  # (B, S), (B, S) True = padding
+        cfg = self.info.config
+        ids, mask = pad_sources([list(s) for s in sources], None, cfg.pad_id, cfg.eos_id)  # (B, S), True = padding
         if self.device == "cuda":
             step_fn: OrtStepFunction = IoBindingStepFunction(self.ort_model, ids, mask, device="cuda")
         else:

@@ -18,7 +18,7 @@ from typing import Any
 from model.decode import score_translations, translate_ids
 from model.decoding import PAPER
 from model.model_dir import MODEL_JSON, atomic_write_text
-from model.tokenizer import Tokenizer
+from model.tokenizer import load_tokenizer
 from model.torch_step import TorchStepFunction
 from model.weights import load_model
 
@@ -38,7 +38,7 @@ def tune_decoding(
     Ties in BLEU go to higher chrF, then to the smaller beam (faster) and the paper's α.
     """
     model, info = load_model(model_dir)
-    tokenizer = Tokenizer(info.tokenizer_file)
+    tokenizer = load_tokenizer(info)
     src_ids = tokenizer.encode_batch(list(sources))
     rows = []
     for beam in beam_sizes:
