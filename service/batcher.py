@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from model.decoding import DecodingOptions
 from service.engine import Engine, SentenceResult, batch_cost, plan_batches
 from service.metrics import Metrics
+from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,11 @@ class BatchLimits:
     max_wait_ms: float = 5.0
     queue_size: int = 2048
     request_timeout_s: float = 60.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BatchLimits:
+        s = settings
+        return cls(s.max_batch_tokens, s.max_wait_ms, s.queue_size, s.request_timeout_s)
 
 
 class Batcher:

@@ -34,7 +34,7 @@ class ServiceState:
     async def load(self) -> None:
         """Load and warm up every model (in worker threads), then start their batchers."""
         s = self.settings
-        limits = BatchLimits(s.max_batch_tokens, s.max_wait_ms, s.queue_size, s.request_timeout_s)
+        limits = BatchLimits.from_settings(s)
         started = time.perf_counter()
         try:
             served = []
