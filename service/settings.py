@@ -54,12 +54,26 @@ class Settings(BaseSettings):
         "the square of the text's length), summed over the texts; 250,000 is about 2,000 characters of text",
     )
 
-    # Micro-batching.
-    max_batch_tokens: int = Field(
-        4096, ge=1, description="token budget of an engine batch: padded source tokens x beam size"
+    max_output_tokens: int = Field(
+        100_000,
+        ge=1,
+        description="target tokens one request may make the engine generate at most (413 before decoding above): "
+        "each sentence counts its longest possible output (source tokens + 50, or the request's max_length)",
     )
-    max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits for more sentences before decoding")
-    queue_size: int = Field(2048, ge=1, description="sentences waiting for a batch before requests get 503")
+
+    # Continuous batching.
+    max_batch_tokens: int = Field(
+        4096,
+        ge=1,
+        description="admission budget of the running decoder batch: source tokens x beam size of its sentences "
+        "(a request holding no rows may still join up to twice this, so nobody waits for a long decode)",
+    )
+    max_wait_ms: float = Field(
+        5.0, ge=0, description="when the engine is idle, how long a first sentence waits for others to start with it"
+    )
+    queue_size: int = Field(
+        2048, ge=1, description="sentences waiting to join the decoder batch before requests get 503"
+    )
     request_timeout_s: float = Field(60.0, gt=0, description="a request still undecoded after this gets 503")
     retry_after_s: int = Field(1, ge=0, description="the Retry-After header of 503 answers, in seconds")
 
