@@ -168,6 +168,13 @@ class ContinuousBatch:
             )
         self.pending.append((key, list(src_ids), options))
 
+    def drop(self, keys: set) -> None:
+        """Cancel the sentences with these keys, queued or live: their rows are freed before the next call."""
+        self.pending = [p for p in self.pending if p[0] not in keys]
+        kept = self.search.drop(keys)
+        if kept is not None:
+            self.step_fn.keep(kept)
+
     def step(self) -> list[tuple[object, list[Hypothesis]]]:
         """Join the queued sentences, run one decoder call, and return the finished ``(key, hypotheses)``."""
         search = self.search

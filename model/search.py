@@ -355,6 +355,27 @@ class SearchBatch:
         self.history.forget_before(min((s.start for s in self.live), default=self.call))
         return retired
 
+    def drop(self, keys: set) -> np.ndarray | None:
+        """Remove the live sentences whose key is in ``keys`` (cancelled) between calls; their rows go at once.
+
+        Returns the kept rows (indices into the current rows) for the step function to gather, or None when
+        no live sentence was dropped. Rows admitted since the last call are not live yet: drop before admitting.
+        """
+        gone = np.array([s.key in keys for s in self.live], dtype=bool)  # (n_live,)
+        if not gone.any():
+            return None
+        if self.admitted:
+            raise RuntimeError("drop() between admit() and the next call: drop before admitting")
+        kept_rows = np.flatnonzero(~gone[self.row_pos])  # (R',) rows of the sentences that stay
+        if self.reorder is not None:
+            self.reorder = self.reorder[kept_rows]
+        self.tokens = self.tokens[kept_rows]
+        self.row_log_prob = self.row_log_prob[kept_rows]
+        self.row_pos = (np.cumsum(~gone) - 1)[self.row_pos[kept_rows]]
+        self.live = [s for s, g in zip(self.live, gone, strict=True) if not g]
+        self.history.forget_before(min((s.start for s in self.live), default=self.call))
+        return kept_rows
+
     def _hypothesis(self, sent: _Sentence, finished: _Finished) -> Hypothesis:
         tokens, attention = self.history.trace(finished, sent.src_len, sent.options.return_attention)
         return Hypothesis(tokens, finished.score, finished.log_prob, attention)

@@ -110,3 +110,43 @@ def test_a_retired_sentence_frees_its_rows_and_cache(ort_model: OrtModel, source
         retired += [key for key, _ in batch.step()]
     assert retired == ["short", "long"]
     assert step.n_rows == 0 and step.past_len == 0 and step.src_mask.shape == (0, 0)
+
+
+def test_cancelled_sentences_leave_at_once_and_the_others_decode_as_if_alone(
+    ort_model: OrtModel, sources: list[list[int]]
+) -> None:
+    rng = np.random.default_rng(1)
+    chosen = sources[:40]
+    options = [random_options(rng) for _ in chosen]
+    batch = ContinuousBatch(OrtRowStep(ort_model), ort_model.config)
+    results: dict[int, list[Hypothesis]] = {}
+    cancelled: set[int] = set()
+    waiting = list(range(len(chosen)))
+    while waiting or not batch.idle:
+        for _ in range(int(rng.integers(0, 4))):
+            if waiting:
+                i = waiting.pop(0)
+                batch.admit(i, chosen[i], options[i])
+        for key, hyps in batch.step():
+            results[key] = hyps
+        live = [s.key for s in batch.search.live]
+        if live and rng.random() < 0.5:  # a client leaves: its live sentence and maybe a queued one go
+            gone = {live[int(rng.integers(len(live)))]}
+            if batch.pending and rng.random() < 0.5:
+                gone.add(batch.pending[0][0])
+            cancelled |= gone
+            rows_before = batch.live_rows
+            batch.drop(gone)
+            assert batch.live_rows < rows_before
+            assert batch.step_fn.n_rows == batch.live_rows  # their rows are freed before the next call
+            assert not gone & {s.key for s in batch.search.live} and not gone & {p[0] for p in batch.pending}
+    assert len(cancelled) >= 5
+    assert not cancelled & set(results)  # a cancelled sentence never comes back
+    assert set(results) | cancelled == set(range(len(chosen)))
+    for i, got in results.items():
+        alone = decode_alone(ort_model, chosen[i], options[i])
+        assert [h.tokens for h in got] == [h.tokens for h in alone], (i, options[i])
+        np.testing.assert_allclose([h.score for h in got], [h.score for h in alone], rtol=1e-5, atol=1e-5)
+        for g, a in zip(got, alone, strict=True):
+            if a.attention is not None:
+                np.testing.assert_allclose(g.attention, a.attention, atol=1e-5)
