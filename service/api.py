@@ -115,10 +115,15 @@ async def translate(
     if source is not None and source.strip().lower() == "auto":  # lingua, among the served source languages
         detector = detector_for(tuple(registry.sources))
         source = (await asyncio.to_thread(detector.detect, "\n".join(body.texts))).language
-    served = registry.resolve(source, body.target)
-    translation.check_limits(body, settings, served)
+    entry = registry.resolve(source, body.target)
+    translation.check_limits(body, settings, entry.info)  # before loading the model for a request it refuses
     charge_chars(request, caller, sum(len(text) for text in body.texts))
-    return await unless_client_leaves(request, translation.translate(body, served, settings, request_id_var.get()))
+
+    async def work() -> TranslateResponse:  # loading the model (on first use) is part of what a client may leave
+        async with registry.use(entry) as served:
+            return await translation.translate(body, served, settings, request_id_var.get())
+
+    return await unless_client_leaves(request, work())
 
 
 @router.get(
@@ -126,23 +131,25 @@ async def translate(
     response_model=ModelsResponse,
     responses=ERRORS,
     dependencies=[Depends(require_key)],
-    summary="Loaded models and their pairs",
+    summary="Servable models and their pairs, loaded or not",
 )
 async def models(registry: RegistryDep) -> ModelsResponse:
     out = []
-    for served in registry.models.values():
-        info = served.engine.info
+    for entry in registry.models.values():
+        info = entry.info
         valid = info.metadata.get("eval", {}).get("valid", {})
         out.append(
             ModelOut(
                 name=info.name,
                 source=info.source_lang,
                 target=info.target_lang,
-                variant=served.engine.variant,
-                device=served.engine.device,
+                variant=entry.served.engine.variant if entry.served else entry.variant,
+                device=entry.device,
                 bleu=valid.get("bleu"),
                 bleu_signature=valid.get("bleu_signature"),
                 parameters=info.metadata.get("training", {}).get("parameters"),
+                loaded=entry.served is not None,
+                status=entry.status,
             )
         )
     return ModelsResponse(models=out)

@@ -33,7 +33,7 @@ from service.libretranslate import router as libretranslate_router
 from service.logs import request_id_var
 from service.metrics import Metrics
 from service.ratelimit import RateLimiter
-from service.registry import AmbiguousPair, UnknownPair
+from service.registry import AmbiguousPair, ModelUnavailable, UnknownPair
 from service.settings import Settings, get_settings, unknown_variables
 from service.state import NotReady, ServiceState
 from service.translate import BadOption, TooLarge
@@ -193,6 +193,7 @@ def add_error_handlers(app: FastAPI) -> None:
         QueueFull: (503, True),
         RequestTimeout: (503, True),
         NotReady: (503, True),
+        ModelUnavailable: (503, True),
     }
     for cls, (status, with_retry) in handlers.items():
 

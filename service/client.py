@@ -208,9 +208,10 @@ class LocalBackend:
         if self.state.registry is None:
             raise ClientError(f"cannot load {self.model_dir}: {self.state.error}")
         try:
-            self.served = self.state.registry.resolve(self.request.source, self.request.target)
+            entry = self.state.registry.resolve(self.request.source, self.request.target)
         except UnknownPair as error:
             raise ClientError(f"{self.model_dir}: {error}") from None
+        self.served = await self.state.registry.load(entry)  # the one model, loaded by state.load(): never evicted
 
     async def close(self) -> None:
         if self.state is not None:

@@ -27,7 +27,7 @@ from service.api import RegistryDep, SettingsDep, unless_client_leaves
 from service.auth import authorize, charge_chars
 from service.langdetect import Detected, UndetectableLanguage, detector_for
 from service.logs import request_id_var
-from service.registry import AmbiguousPair, Registry, ServedModel, UnknownPair
+from service.registry import AmbiguousPair, ModelEntry, Registry, ServedModel, UnknownPair
 from service.schemas import MAX_BEAM, TranslateRequest
 from service.settings import Settings
 
@@ -123,7 +123,7 @@ def language_name(code: str) -> str:
         return code
 
 
-def _resolve(registry: Registry, source: str, target: str) -> ServedModel:
+def _resolve(registry: Registry, source: str, target: str) -> ModelEntry:
     try:
         return registry.resolve(source, target)
     except (UnknownPair, AmbiguousPair) as error:
@@ -185,7 +185,7 @@ async def _translate_all(
     if not texts:
         raise LibreError(400, "Invalid request: q is an empty list; send at least one text")
     n_best = body.alternatives + 1
-    any_model = next(iter(registry.models.values()))  # MT_MAX_ITEMS, MT_MAX_CHARS and the beam, as on /v1
+    any_model = next(iter(registry.models.values())).info  # MT_MAX_ITEMS, MT_MAX_CHARS and the beam, as on /v1
     translation.check_limits(_request(texts if isinstance(body.q, list) else texts[0], n_best), settings, any_model)
     auto = body.source.strip().lower() == "auto"
     if auto and body.format == "html":  # the language of the text nodes, not of tag names and attributes
@@ -199,9 +199,10 @@ async def _translate_all(
     groups = {pair: [text for text, p in zip(texts, pairs, strict=True) if p == pair] for pair in pairs}
 
     async def run(pair: tuple[str, str]) -> list[Result]:
-        if body.format == "html":
-            return await _translate_html(groups[pair], registry.models[pair], settings)
-        return await _translate_texts(groups[pair], registry.models[pair], settings, n_best)
+        async with registry.use(registry.models[pair]) as served:  # loaded on first use
+            if body.format == "html":
+                return await _translate_html(groups[pair], served, settings)
+            return await _translate_texts(groups[pair], served, settings, n_best)
 
     per_pair = dict(zip(groups, await asyncio.gather(*(run(pair) for pair in groups)), strict=True))
     items = []
@@ -239,7 +240,7 @@ async def translate(request: Request, registry: RegistryDep, settings: SettingsD
     return await unless_client_leaves(request, _translate_all(body, request, registry, settings))
 
 
-@router.get("/languages", summary="Languages served (LibreTranslate-compatible)")
+@router.get("/languages", summary="Languages served, by every model whether loaded or not (LibreTranslate-compatible)")
 async def languages(request: Request, registry: RegistryDep) -> Any:
     fields = await read_fields(request)
     authorize(request, fields.get("api_key"))

@@ -7,7 +7,7 @@ largest beam) are checked by the route, which answers 413/422 naming the setting
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -140,11 +140,15 @@ class ModelOut(BaseModel):
     name: str
     source: str
     target: str
-    variant: str
+    variant: str = Field(description="the ONNX variant it runs (or will run once loaded)")
     device: str
     bleu: float | None = Field(None, description="validation BLEU recorded in model.json")
     bleu_signature: str | None = None
     parameters: int | None = None
+    loaded: bool = Field(description="whether its sessions are in memory now (else it loads on first use)")
+    status: Literal["loaded", "loading", "unloaded", "failed"] = Field(
+        description="failed: its last load failed (the server log says why; retried after a while)"
+    )
 
 
 class ModelsResponse(BaseModel):

@@ -37,6 +37,13 @@ class Settings(BaseSettings):
     )
     threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per model; 0 = one per physical core")
     warmup: bool = Field(True, description="decode a sentence per model before reporting ready")
+    max_loaded_models: int = Field(
+        0,
+        ge=0,
+        description="models held loaded at once (each holds its ONNX sessions: ~300 MB for an fp32 OPUS-MT model); "
+        "0 = no limit. Start-up loads the first model before reporting ready and the next ones, up to this many, "
+        "in the background; the others load on first use, evicting the least recently used idle model",
+    )
 
     host: str = Field("127.0.0.1", description="address mt-serve listens on (0.0.0.0 in a container)")
     port: int = Field(8000, ge=0, le=65535, description="port mt-serve listens on")

@@ -1,63 +1,109 @@
-"""What the app holds while it runs: settings, metrics, and the registry once the models are loaded and warm."""
+"""What the app holds while it runs: settings, metrics, and the registry of servable models once it is built."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from pathlib import Path
 
+from model.manifest import read_manifest, resolve_variant
+from model.model_dir import read_model_dir
 from service.batcher import Batcher, BatchLimits
-from service.engine import Engine
+from service.engine import Engine, resolve_device
 from service.metrics import Metrics
-from service.registry import Registry, ServedModel
+from service.model_metrics import ModelMetrics
+from service.registry import ModelEntry, ModelUnavailable, Registry, ServedModel
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 
 class NotReady(RuntimeError):
-    """The models are still loading (or failed to load, or the server is draining): 503."""
+    """The registry is still being built (or failed to build, or the server is draining): 503."""
 
 
 class ServiceState:
+    """Start-up reads every model's model.json and manifest (no ONNX session), builds the registry, then loads
+    the first model; the server is ready once that one is loaded and warm. The next models up to
+    MT_MAX_LOADED_MODELS (all of them when it is 0) load in the background after that, the others on first use."""
+
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
         self.registry: Registry | None = None
         self.error: str | None = None
         self.draining = False
+        self._preloading: asyncio.Task | None = None
 
     @property
     def ready(self) -> bool:
         return self.registry is not None and not self.draining
 
-    async def load(self) -> None:
-        """Load and warm up every model (in worker threads), then start their batchers."""
+    def entry(self, path: Path, device: str) -> ModelEntry:
+        """A model known from its model.json and manifest: cheap, no ONNX session and no tokenizer."""
+        info = read_model_dir(path)
+        try:
+            variant = resolve_variant(read_manifest(info.path / "onnx"), self.settings.variant, device)
+        except (OSError, ValueError):  # no readable manifest: its load will say so (and how to fix it)
+            variant = self.settings.variant
+        return ModelEntry(info, variant, device)
+
+    async def open(self, entry: ModelEntry) -> ServedModel:
+        """Load a model's sessions and warm them up in worker threads, then start its batcher."""
         s = self.settings
-        limits = BatchLimits.from_settings(s)
+        engine = await asyncio.to_thread(
+            Engine.load, entry.info.path, device=s.device, variant=s.variant, threads=s.threads
+        )
+        if s.warmup:
+            await asyncio.to_thread(engine.warmup)
+        batcher = Batcher(engine, BatchLimits.from_settings(s), self.metrics)
+        batcher.start()
+        return ServedModel(engine, batcher)
+
+    async def load(self) -> None:
+        """Build the registry and load the first model; a failure here is the server's (mt-serve stops)."""
+        s = self.settings
         started = time.perf_counter()
         try:
-            served = []
-            for path in s.models:
-                engine = await asyncio.to_thread(
-                    Engine.load, path, device=s.device, variant=s.variant, threads=s.threads
-                )
-                if s.warmup:
-                    await asyncio.to_thread(engine.warmup)
-                served.append(ServedModel(engine, Batcher(engine, limits, self.metrics)))
-            registry = Registry(served)
+            device = resolve_device(s.device)
+            entries = [self.entry(path, device) for path in s.models]
+            registry = Registry(entries, self.open, s.max_loaded_models, ModelMetrics(self.metrics.registry))
+            await registry.load(entries[0])
         except Exception as error:  # reported by /health/ready and the log; the process stays up to say so
-            self.error = f"{type(error).__name__}: {error}"
+            cause = error.__cause__ if isinstance(error, ModelUnavailable) and error.__cause__ else error
+            self.error = f"{type(cause).__name__}: {cause}"
             logger.exception("loading models failed")
             return
-        for model in served:
-            model.batcher.start()
         self.registry = registry
-        pairs = ", ".join(f"{m.engine.name} ({m.pair[0]}→{m.pair[1]})" for m in served)
-        logger.info("ready in %.1f s: %s", time.perf_counter() - started, pairs)
+        preload = entries[1 : s.max_loaded_models or len(entries)]
+        logger.info(
+            "ready in %.1f s: %d models known (%s), %s loaded; %s",
+            time.perf_counter() - started,
+            len(entries),
+            ", ".join(f"{e.name} ({e.pair[0]}→{e.pair[1]})" for e in entries),
+            entries[0].name,
+            f"loading {len(preload)} more in the background" if preload else "the others load on first use",
+        )
+        if preload:
+            self._preloading = asyncio.create_task(self._preload(registry, preload), name="preload-models")
+
+    @staticmethod
+    async def _preload(registry: Registry, entries: list[ModelEntry]) -> None:
+        """Load ``entries`` one after another while there is room (requests may have taken it meanwhile)."""
+        for entry in entries:
+            if registry.full:
+                return
+            with contextlib.suppress(ModelUnavailable):  # logged by the registry; its requests get 503
+                await registry.load(entry)
 
     async def close(self) -> None:
         """Refuse new work and let every batcher finish what it has queued."""
         self.draining = True
+        if self._preloading is not None:
+            self._preloading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._preloading
         if self.registry is not None:
-            await asyncio.gather(*(m.batcher.close() for m in self.registry.models.values()))
+            await self.registry.close()

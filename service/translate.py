@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 
 from model.decoding import DecodingOptions
+from model.model_dir import ModelInfo
 from service.engine import Attention, Candidate, SentenceResult, SentenceTooLong
 from service.registry import ServedModel
 from service.schemas import Alternative, AttentionOut, TranslateRequest, TranslateResponse, Translation
@@ -25,7 +26,9 @@ class BadOption(ValueError):
     """A decoding option outside what this server or model allows (422)."""
 
 
-def check_limits(body: TranslateRequest, settings: Settings, served: ServedModel) -> None:
+def check_limits(body: TranslateRequest, settings: Settings, info: ModelInfo) -> None:
+    """413/422 for what this server or model refuses; from model.json alone, so a model not loaded yet is not
+    loaded for a request it would refuse."""
     texts = body.texts
     if len(texts) > settings.max_items:
         raise TooLarge(f"{len(texts)} texts in one request; send at most {settings.max_items} (MT_MAX_ITEMS)")
@@ -36,15 +39,13 @@ def check_limits(body: TranslateRequest, settings: Settings, served: ServedModel
             f"{where} has {len(texts[long[0]])} characters; send at most {settings.max_chars} per text "
             "(MT_MAX_CHARS), split it across several texts"
         )
-    beam = decoding_options(body, served).beam_size
+    beam = decoding_options(body, info).beam_size
     if beam > settings.max_beam:
         given = "beam_size" if body.beam_size is not None else "the model's default beam (raised to n_best)"
         raise BadOption(f"{given} {beam} is above this server's limit: use at most {settings.max_beam}")
-    longest = served.engine.max_positions - 1
+    longest = info.config.max_positions - 1
     if body.max_length is not None and body.max_length > longest:
-        raise BadOption(
-            f"max_length {body.max_length} is above what model {served.engine.name} allows: at most {longest}"
-        )
+        raise BadOption(f"max_length {body.max_length} is above what model {info.name} allows: at most {longest}")
 
 
 def _prepare(
@@ -98,10 +99,10 @@ def check_attention(segmented: list[Segmented], results: list[SentenceResult], l
         )
 
 
-def decoding_options(body: TranslateRequest, served: ServedModel) -> DecodingOptions:
+def decoding_options(body: TranslateRequest, info: ModelInfo) -> DecodingOptions:
     """The request's decoding: what it sets, the model's defaults (model.json ``decoding``) for the rest; a
     default beam is raised to ``n_best`` so that asking for alternatives alone works."""
-    defaults = served.engine.info.decoding
+    defaults = info.decoding
     beam = body.beam_size if body.beam_size is not None else max(defaults.beam_size, body.n_best)
     alpha = body.length_penalty if body.length_penalty is not None else defaults.length_penalty
     return replace(
@@ -118,7 +119,7 @@ async def translate(
     body: TranslateRequest, served: ServedModel, settings: Settings, request_id: str
 ) -> TranslateResponse:
     """Split, tokenize (off the event loop unless small), queue every sentence in one go, rejoin per text."""
-    options = decoding_options(body, served)
+    options = decoding_options(body, served.engine.info)
     texts, listed = body.texts, not isinstance(body.text, str)
     if sum(len(text) for text in texts) <= INLINE_CHARS:  # a thread hop costs more than tokenizing this much
         segmented, sources = _prepare(texts, served, settings.split_sentences, listed)

@@ -188,7 +188,7 @@ def test_a_sentence_longer_than_the_model_reads_answers_413(served_model_dir: Pa
     app = create_app(Settings(models=[served_model_dir], threads=1, split_sentences=split))
     with TestClient(app) as test_client:
         wait_ready(test_client)
-        limit = test_client.app.state.service.registry.resolve(None, None).engine.max_positions - 1
+        limit = test_client.app.state.service.registry.resolve(None, None).info.config.max_positions - 1
         long = " ".join(["w01"] * (limit + 20))
         # beam 1 and a short max_length keep a (wrong) truncated decode quick
         response = test_client.post("/v1/translate", json={"text": ["w02", long], "beam_size": 1, "max_length": 5})
