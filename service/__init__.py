@@ -1,1 +1,1 @@
-"""The HTTP translation service: FastAPI routes, micro-batcher, ONNX Runtime engine, batch client."""
+"""The HTTP translation service: FastAPI routes, continuous batcher, ONNX Runtime engine, batch client."""

@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException
 
 from service.api import router
 from service.auth import AccessDenied, KeyStore
-from service.batcher import BatchFailed, QueueFull, RequestTimeout, TooManySentences
+from service.batcher import BatchFailed, QueueFull, RequestTimeout, TooManySentences, TooMuchWork
 from service.engine import SentenceTooLong
 from service.langdetect import UndetectableLanguage
 from service.libretranslate import LibreError, LibreTranslateErrors
@@ -185,6 +185,7 @@ def add_error_handlers(app: FastAPI) -> None:
     handlers: dict[type[Exception], tuple[int, bool]] = {
         TooLarge: (413, False),
         TooManySentences: (413, False),
+        TooMuchWork: (413, False),
         SentenceTooLong: (413, False),
         BadOption: (422, False),
         AmbiguousPair: (422, False),
@@ -228,7 +229,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         logger.warning("%s is not a setting and is ignored%s", name, f"; did you mean {hint}?" if hint else "")
     app = FastAPIOffline(  # Swagger UI and ReDoc served from the package: /docs works offline
         title="Transformer translation service",
-        description="Beam-search translation with ONNX Runtime and cross-request micro-batching.",
+        description="Beam-search translation with ONNX Runtime and continuous batching across requests.",
         version="0.1.0",
         lifespan=lifespan,
     )

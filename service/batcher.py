@@ -1,19 +1,25 @@
-"""Cross-request micro-batching: sentences from every request → length-sorted, token-budget engine batches.
+"""Continuous batching for one model: sentences from every request join and leave one running decoder batch.
 
-The event loop only queues sentences and resolves futures; one worker thread per model runs the engine.
-The collector takes the decoding options of the oldest waiting sentence, waits until that sentence is
-``max_wait_ms`` old or its options' queue fills the token budget, then takes every waiting sentence with
-those options, sorts them by length and decodes them in budget-sized batches (sentences with different
-options never share a batch). Each request awaits its own sentences' futures, so results come back in
-input order whatever the batches were.
+The event loop queues sentences and runs the scheduler; one worker thread per model runs the engine. At
+every step boundary the scheduler (1) drops the live sentences of requests that are gone (client left,
+timed out, failed), freeing their rows at once, (2) admits waiting sentences, and (3) runs one decoder call
+over every live row on the engine thread (``EngineBatch.step``: the newcomers are encoded and joined
+first). A sentence that finishes leaves the batch in that step and its result goes to its request at once;
+a request is answered when its last sentence is. A sentence's translation does not depend on what shares
+its steps (``model/continuous.py``).
+
+Fairness. Admission follows a token budget (``max_batch_tokens``: source tokens x beam of the live
+sentences). The next sentence admitted is always one of the request holding the least budget (ties: the
+oldest request), so freed rows go to the requests that have least, and a request that holds nothing may
+join even when the budget is full (up to twice it): a short request never waits for a long decode to end.
 
 Back-pressure and faults: a request with more sentences than ``queue_size`` could never be queued
-(``TooManySentences``, answered 413: split the request); one that would push the queue past ``queue_size``
-is refused for now (``QueueFull``, answered 503 + Retry-After), so an empty queue always accepts a request
-that fits. A request not done within ``request_timeout_s`` gets ``RequestTimeout``; a cancelled request
-(client gone) has its still-queued sentences dropped. When a batch raises, its sentences are decoded again
-in one batch per request, so only the request that makes the engine fail gets ``BatchFailed`` (its other
-sentences still queued are dropped, not decoded), and the collector carries on.
+(``TooManySentences``, 413: split the request); one whose longest possible output exceeds
+``max_output_tokens`` is refused before decoding (``TooMuchWork``, 413); one that would push the queue past
+``queue_size`` is refused for now (``QueueFull``, 503 + Retry-After). A request not done within
+``request_timeout_s`` gets ``RequestTimeout``. When a step raises, the sentences that were in it are decoded
+again one request at a time (static batches), so only the request the engine fails on gets ``BatchFailed``
+and the others their translations; the running batch starts afresh.
 """
 
 from __future__ import annotations
@@ -22,18 +28,18 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from model.decoding import DecodingOptions
-from service.engine import Engine, SentenceResult, batch_cost, plan_batches
+from service.engine import Engine, EngineBatch, SentenceResult, batch_cost
 from service.metrics import Metrics
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-QUEUED, DECODING, DROPPED = "queued", "decoding", "dropped"
+QUEUED, DECODING, DROPPED, DONE = "queued", "decoding", "dropped", "done"
 
 
 class QueueFull(RuntimeError):
@@ -44,23 +50,34 @@ class TooManySentences(ValueError):
     """The request alone has more sentences than the queue holds; it must be split (413)."""
 
 
+class TooMuchWork(ValueError):
+    """The request could make the engine generate more target tokens than one request may (413)."""
+
+
 class RequestTimeout(RuntimeError):
     """The request was not decoded within the request timeout."""
 
 
 class BatchFailed(RuntimeError):
-    """The engine raised while decoding the batch that held this request's sentences."""
+    """The engine raised while decoding this request's sentences."""
 
 
 ENQUEUE_CHUNK = 1024  # sentences queued between two yields to the event loop
+OVERDRAW = 2  # a request holding no rows may join until the live sentences cost this many budgets
 
 
 @dataclass(eq=False)
 class _Request:
-    """What a request's sentences share: its id (for the log) and whether one of its batches failed."""
+    """A request's sentences in the scheduler: those waiting (in order), what its live ones hold, its steps."""
 
     request_id: str
+    waiting: deque[_Item] = field(default_factory=deque)
+    held: int = 0  # budget (source tokens x beam) of its sentences in the running batch
+    live: int = 0  # its sentences in the running batch
+    unfinished: int = 0  # its sentences not yet answered or dropped
     failed: bool = False
+    arrived: float = field(default_factory=time.monotonic)
+    first_step: int | None = None  # the batcher's step count when its first sentence joined
 
 
 @dataclass(eq=False)
@@ -69,6 +86,7 @@ class _Item:
     options: DecodingOptions
     future: asyncio.Future
     request: _Request
+    cost: int
     enqueued: float = field(default_factory=time.monotonic)
     state: str = QUEUED
 
@@ -79,34 +97,45 @@ class BatchLimits:
     max_wait_ms: float = 5.0
     queue_size: int = 2048
     request_timeout_s: float = 60.0
+    max_output_tokens: int = 100_000
 
     @classmethod
     def from_settings(cls, settings: Settings) -> BatchLimits:
         s = settings
-        return cls(s.max_batch_tokens, s.max_wait_ms, s.queue_size, s.request_timeout_s)
+        return cls(s.max_batch_tokens, s.max_wait_ms, s.queue_size, s.request_timeout_s, s.max_output_tokens)
 
 
 class Batcher:
-    """Queues sentences of one model and decodes them on that model's single engine thread."""
+    """Queues sentences of one model and decodes them in one running batch on that model's engine thread."""
 
     def __init__(self, engine: Engine, limits: BatchLimits, metrics: Metrics) -> None:
         self.engine = engine
         self.limits = limits
         self.metrics = metrics
-        self._queues: dict[DecodingOptions, deque[_Item]] = {}
+        self._requests: dict[_Request, None] = {}  # requests with unfinished sentences, in arrival order
+        self._live: dict[_Item, None] = {}  # sentences in the running batch
+        self._held = 0  # budget held by the live sentences
         self._depth = 0  # queued sentences, not yet decoding or dropped
+        self._steps = 0
         self._wake = asyncio.Event()
         self._closing = False
         self._enqueuing = 0  # requests part way through queueing their sentences (close waits for them)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{engine.name}")
+        self._batch: EngineBatch | None = None
+        self._gone: list[_Item] = []  # departed sentences the running batch still holds (dropped at its next step)
         self._task: asyncio.Task | None = None
 
     @property
     def depth(self) -> int:
         return self._depth
 
+    @property
+    def steps(self) -> int:
+        """Decoder calls made so far."""
+        return self._steps
+
     def start(self) -> None:
-        self._task = asyncio.create_task(self._collect(), name=f"batcher-{self.engine.name}")
+        self._task = asyncio.create_task(self._schedule(), name=f"batcher-{self.engine.name}")
 
     async def close(self) -> None:
         """Stop taking requests, decode every queued sentence, then stop the engine thread."""
@@ -117,18 +146,25 @@ class Batcher:
         self._executor.shutdown(wait=True)
 
     async def translate(
-        self, sources: Sequence[list[int]], options: DecodingOptions, request_id: str = "-"
+        self,
+        sources: Sequence[list[int]],
+        options: DecodingOptions,
+        request_id: str = "-",
+        check: Callable[[int, SentenceResult], None] | None = None,
     ) -> list[SentenceResult]:
-        """Results for ``sources`` (non-empty token lists), in order; raises TooManySentences, QueueFull,
-        RequestTimeout, BatchFailed."""
+        """Results for ``sources`` (non-empty token lists), in order; raises TooManySentences, TooMuchWork,
+        QueueFull, RequestTimeout, BatchFailed. ``check(index, result)`` sees each sentence's result as soon as
+        it finishes; what it raises ends the request at once (its other sentences leave the batch)."""
         if not sources:
             return []
+        name = self.engine.name
         if self._closing:
-            self.metrics.rejected.labels(self.engine.name, "shutting_down").inc()
+            self.metrics.rejected.labels(name, "shutting_down").inc()
             raise QueueFull("the server is shutting down")
         self.check_size(len(sources))
+        self.check_work(sources, options)
         if self._depth + len(sources) > self.limits.queue_size:
-            self.metrics.rejected.labels(self.engine.name, "queue_full").inc()
+            self.metrics.rejected.labels(name, "queue_full").inc()
             raise QueueFull(
                 f"the queue holds {self._depth} sentences and this request adds {len(sources)} "
                 f"(MT_QUEUE_SIZE={self.limits.queue_size})"
@@ -137,21 +173,19 @@ class Batcher:
         request = _Request(request_id)
         items: list[_Item] = []
         self._set_depth(self._depth + len(sources))  # the whole request's room, taken before the first yield
+        self._requests[request] = None
         self._enqueuing += 1
         try:
             # In chunks, with the event loop free in between: a big queue is not built in one blocking go.
             for start in range(0, len(sources), ENQUEUE_CHUNK):
                 if start:
                     await asyncio.sleep(0)
-                chunk = [
-                    _Item(list(s), options, loop.create_future(), request)
-                    for s in sources[start : start + ENQUEUE_CHUNK]
-                ]
-                queue = self._queues.setdefault(options, deque())  # the collector may have taken the last one
-                for item in chunk:
+                for source in sources[start : start + ENQUEUE_CHUNK]:
+                    item = _Item(list(source), options, loop.create_future(), request, self._cost(source, options))
                     item.future.add_done_callback(lambda _, item=item: self._forget(item))
-                    queue.append(item)
-                items += chunk
+                    request.waiting.append(item)
+                    request.unfinished += 1
+                    items.append(item)
                 self._wake.set()
         finally:
             self._enqueuing -= 1
@@ -160,16 +194,32 @@ class Batcher:
                 self._set_depth(self._depth - (len(sources) - len(items)))
                 for item in items:
                     item.future.cancel()
+            self._update_in_flight()
         try:
-            return await asyncio.wait_for(asyncio.gather(*(i.future for i in items)), self.limits.request_timeout_s)
-        except asyncio.TimeoutError:
-            self.metrics.rejected.labels(self.engine.name, "timeout").inc()
+            async with asyncio.timeout(self.limits.request_timeout_s):
+                return await self._results(items, check)
+        except TimeoutError:
+            self.metrics.rejected.labels(name, "timeout").inc()
             raise RequestTimeout(
                 f"not translated within MT_REQUEST_TIMEOUT_S={self.limits.request_timeout_s:g} s"
             ) from None
         finally:
-            for item in items:  # after a failure, the request's sentences still queued are dropped
+            for item in items:  # after a failure or timeout, the request's other sentences are dropped
                 item.future.cancel()
+
+    @staticmethod
+    async def _results(items: list[_Item], check: Callable[[int, SentenceResult], None] | None) -> list:
+        """The items' results in order, taken as they finish (the first exception, or ``check``'s, is raised)."""
+        finished: asyncio.Queue[int] = asyncio.Queue()
+        for i, item in enumerate(items):
+            item.future.add_done_callback(lambda _, i=i: finished.put_nowait(i))
+        results: list[SentenceResult | None] = [None] * len(items)
+        for _ in items:
+            i = await finished.get()
+            results[i] = items[i].future.result()  # raises BatchFailed, or CancelledError if we were cancelled
+            if check is not None:
+                check(i, results[i])
+        return results
 
     def check_size(self, n_sentences: int, at_least: bool = False) -> None:
         """TooManySentences when a request of ``n_sentences`` (``at_least`` that many: still counting) could
@@ -182,135 +232,217 @@ class Batcher:
                 f"translated (MT_QUEUE_SIZE={self.limits.queue_size}): split the request into smaller ones"
             )
 
+    def check_work(self, sources: Sequence[Sequence[int]], options: DecodingOptions) -> None:
+        """TooMuchWork when the request's longest possible output (each sentence's max output length, capped by
+        the model's positions) is over ``max_output_tokens``: known before anything is decoded."""
+        limit = self.limits.max_output_tokens
+        cap = self.engine.max_positions - 1
+        total = int(options.max_lengths([len(s) for s in sources]).clip(max=cap).sum())
+        if total > limit:
+            self.metrics.rejected.labels(self.engine.name, "too_much_work").inc()
+            per = f"max_length {options.max_length}" if options.max_length else "source + 50 tokens"
+            raise TooMuchWork(
+                f"the request may generate up to {total} target tokens ({per} per sentence), over this server's "
+                f"limit of {limit} per request (MT_MAX_OUTPUT_TOKENS): send fewer or shorter texts, or set a "
+                "smaller max_length"
+            )
+
+    @staticmethod
+    def _cost(source: Sequence[int], options: DecodingOptions) -> int:
+        return batch_cost(len(source), 1, options.beam_size)
+
     def _forget(self, item: _Item) -> None:
-        """A queued sentence whose future was cancelled (timeout, client gone) is dropped from the queue."""
+        """A queued sentence whose future was cancelled (timeout, client gone) is dropped from the queue at once;
+        a live one leaves the running batch at the next step boundary."""
         if item.state == QUEUED and item.future.cancelled():
             item.state = DROPPED
             self._set_depth(self._depth - 1)
+            self.metrics.cancelled.labels(self.engine.name, "queued").inc()
+            self._finish(item)
+            self._wake.set()
+
+    def _finish(self, item: _Item) -> None:
+        """``item`` is answered or dropped: its request leaves the scheduler with its last sentence."""
+        request = item.request
+        request.unfinished -= 1
+        if request.unfinished == 0:
+            self._requests.pop(request, None)
+            if request.first_step is not None:
+                self.metrics.request_steps.labels(self.engine.name).observe(self._steps - request.first_step)
+            self._update_in_flight()
 
     def _set_depth(self, depth: int) -> None:
         self._depth = depth
         self.metrics.queue_depth.labels(self.engine.name).set(depth)
 
-    def _oldest(self) -> _Item | None:
-        """The longest-waiting queued sentence (dropped ones are removed from the queue heads on the way)."""
-        oldest = None
-        for options in list(self._queues):
-            queue = self._queues[options]
-            while queue and queue[0].state != QUEUED:
-                queue.popleft()
-            if not queue:
-                del self._queues[options]
-            elif oldest is None or queue[0].enqueued < oldest.enqueued:
-                oldest = queue[0]
-        return oldest
+    def _update_in_flight(self) -> None:
+        self.metrics.in_flight.labels(self.engine.name).set(len(self._requests))
 
-    def _budget_full(self, options: DecodingOptions) -> bool:
-        live = [len(i.source) for i in self._queues.get(options, ()) if i.state == QUEUED]
-        if not live:
-            return False
-        return batch_cost(max(live), len(live), options.beam_size) >= self.limits.max_batch_tokens
-
-    async def _collect(self) -> None:
-        while True:
-            oldest = self._oldest()
-            if oldest is None:
-                if self._closing and not self._enqueuing:
-                    return
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            deadline = oldest.enqueued + self.limits.max_wait_ms / 1000
-            while not self._closing and not self._budget_full(oldest.options):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), remaining)
-                except asyncio.TimeoutError:
-                    break
-            items = [i for i in self._queues.pop(oldest.options, ()) if i.state == QUEUED]
-            lengths = [len(i.source) for i in items]
-            for batch in plan_batches(lengths, oldest.options.beam_size, self.limits.max_batch_tokens):
-                # Let the event loop run first: requests failed, timed out or gone since the last batch have
-                # their sentences dropped before this one is decoded.
-                await asyncio.sleep(0)
-                await self._decode([items[i] for i in batch], oldest.options)
-
-    def _drop_dead(self, batch: list[_Item]) -> list[_Item]:
-        """The batch's sentences still worth decoding; the others (dropped while waiting, cancelled but not yet
-        forgotten, or of a request that already failed) are dropped now."""
-        live = []
-        for item in batch:
-            if item.state != QUEUED:
-                continue
-            if item.future.done() or item.request.failed:
+    def _head(self, request: _Request) -> _Item | None:
+        """The request's next waiting sentence (dropped ones are removed on the way)."""
+        while request.waiting and request.waiting[0].state != QUEUED:
+            request.waiting.popleft()
+        if request.waiting and request.failed:  # a failed request's other sentences are not decoded
+            for item in request.waiting:
                 item.state = DROPPED
                 self._set_depth(self._depth - 1)
-                continue
-            live.append(item)
-        return live
+                self.metrics.cancelled.labels(self.engine.name, "queued").inc()
+                self._finish(item)
+            request.waiting.clear()
+        return request.waiting[0] if request.waiting else None
 
-    async def _decode(self, batch: list[_Item], options: DecodingOptions) -> None:
-        batch = self._drop_dead(batch)
-        if not batch:
-            return
-        for item in batch:
+    def _admissions(self) -> list[_Item]:
+        """The waiting sentences that join at the next step: from the request holding least budget first, while
+        the budget allows (a request holding nothing may overdraw it, up to OVERDRAW budgets)."""
+        budget = self.limits.max_batch_tokens
+        out: list[_Item] = []
+        while True:
+            heads = [(r, item) for r in list(self._requests) if (item := self._head(r)) is not None]
+            if not heads:
+                return out
+            request, item = min(heads, key=lambda pair: (pair[0].held, pair[0].arrived))
+            fits = self._held + item.cost <= budget
+            overdraw = request.held == 0 and self._held + item.cost <= OVERDRAW * budget
+            if not (fits or overdraw or not self._live):
+                return out
+            request.waiting.popleft()
             item.state = DECODING
-        self._set_depth(self._depth - len(batch))
-        try:
-            await self._run(batch, options)
-            return
-        except Exception as error:
-            failure = error
+            request.held += item.cost
+            request.live += 1
+            if request.first_step is None:
+                request.first_step = self._steps
+            self._held += item.cost
+            self._live[item] = None
+            self._set_depth(self._depth - 1)
+            out.append(item)
+
+    def _departures(self) -> list[_Item]:
+        """Live sentences whose request is gone (cancelled, timed out, failed): they leave at this boundary."""
+        gone = [item for item in self._live if item.future.done() or item.request.failed]
+        for item in gone:
+            self._leave(item)
+            item.state = DROPPED
+            self.metrics.cancelled.labels(self.engine.name, "decoding").inc()
+            self._finish(item)
+        return gone
+
+    def _leave(self, item: _Item) -> None:
+        del self._live[item]
+        item.request.held -= item.cost
+        item.request.live -= 1
+        self._held -= item.cost
+
+    def _oldest_waiting(self) -> float | None:
+        """When the longest-waiting queued sentence was queued (None: nothing waits)."""
+        heads = [item.enqueued for r in list(self._requests) if (item := self._head(r)) is not None]
+        return min(heads, default=None)
+
+    async def _schedule(self) -> None:
+        loop = asyncio.get_running_loop()
+        name = self.engine.name
+        while True:
+            self._gone += self._departures()
+            if not self._live:
+                self._batch, self._gone = None, []  # nothing live: a fresh batch for whoever comes next
+                self.metrics.live_rows.labels(name).set(0)
+                self.metrics.live_sentences.labels(name).set(0)
+                oldest = self._oldest_waiting()
+                if oldest is None:
+                    if self._closing and not self._enqueuing:
+                        return
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                remaining = oldest + self.limits.max_wait_ms / 1000 - time.monotonic()
+                if remaining > 0 and not self._closing:
+                    # An idle engine: the first sentence waits a moment for others to start with it.
+                    await asyncio.sleep(remaining)
+                    continue
+            joining = self._admissions()
+            if self._batch is None:
+                self._batch = self.engine.open_batch()
+            gone, self._gone = self._gone, []
+            started = time.perf_counter()
+            try:
+                retired = await loop.run_in_executor(self._executor, self._step, self._batch, gone, joining)
+            except Exception as error:
+                self.metrics.step_failures.labels(name).inc()
+                await self._recover(error)
+                continue
+            self._steps += 1
+            self.metrics.steps.labels(name).inc()
+            self.metrics.step_seconds.labels(name).observe(time.perf_counter() - started)
+            self.metrics.step_rows.labels(name).observe(self._batch.last_rows)
+            self.metrics.admitted.labels(name).inc(len(joining))
+            for item, result in retired:
+                self._leave(item)
+                self._answer(item, result)
+            self.metrics.live_rows.labels(name).set(self._batch.live_rows)
+            self.metrics.live_sentences.labels(name).set(len(self._live))
+            await asyncio.sleep(0)  # let requests arrive, leave or time out before the next boundary
+
+    @staticmethod
+    def _step(batch: EngineBatch, gone: list[_Item], joining: list[_Item]) -> list[tuple[_Item, SentenceResult]]:
+        """On the engine thread: drop, admit, one decoder call."""
+        if gone:
+            batch.drop(set(gone))
+        for item in joining:
+            batch.admit(item, item.source, item.options)
+        return batch.step()  # type: ignore[return-value]  # the keys are the items
+
+    def _answer(self, item: _Item, result: SentenceResult) -> None:
+        name = self.engine.name
+        item.state = DONE
+        self.metrics.sentences.labels(name).inc()
+        if result.candidates:
+            self.metrics.generated_tokens.labels(name).inc(len(result.candidates[0].tokens) + 1)
+        if not item.future.done():
+            item.future.set_result(result)
+        self._finish(item)
+
+    async def _recover(self, error: Exception) -> None:
+        """A step raised: the running batch is discarded and its sentences are decoded again one request at a time
+        (static batches), so only the request(s) the engine fails on get BatchFailed."""
+        affected = list(self._live)
+        self._batch, self._gone = None, []
         requests: dict[_Request, list[_Item]] = {}
-        for item in batch:
+        for item in affected:
+            self._leave(item)
             requests.setdefault(item.request, []).append(item)
+        ids = ", ".join(sorted(r.request_id for r in requests))
+        logger.error("decoder step over %d sentences failed (requests %s): %r", len(affected), ids, error)
         if len(requests) == 1:
-            self._fail(batch, failure)
+            self._fail(affected, error)
             return
-        # Several requests shared the failed batch: decode each one's sentences alone, so that only the
-        # request(s) the engine fails on get an error and the others their translations.
-        logger.info("retrying the failed batch as %d batches, one per request", len(requests))
-        for group in requests.values():
+        logger.info("decoding the failed step's sentences again, one request at a time")
+        loop = asyncio.get_running_loop()
+        for request, items in requests.items():
             await asyncio.sleep(0)
-            group = [i for i in group if not i.future.done()]  # the client may have gone meanwhile
-            if not group:
+            pending = [i for i in items if not i.future.done()]  # the client may have gone meanwhile
+            for item in items:
+                if item.future.done():
+                    item.state = DROPPED
+                    self._finish(item)
+            if not pending:
                 continue
             try:
-                await self._run(group, options)
-            except Exception as error:
-                self._fail(group, error)
+                sources = [i.source for i in pending]
+                results = await loop.run_in_executor(
+                    self._executor, self.engine.translate_batch, sources, pending[0].options
+                )
+            except Exception as retry_error:
+                self.metrics.step_failures.labels(self.engine.name).inc()
+                logger.error("request %s failed alone too: %r", request.request_id, retry_error)
+                self._fail(pending, retry_error)
+                continue
+            for item, result in zip(pending, results, strict=True):
+                self._answer(item, result)
 
     def _fail(self, items: list[_Item], error: Exception) -> None:
-        """The engine raised on ``items``: their requests get BatchFailed and their queued sentences are dropped."""
+        """The engine raised on ``items``: their requests get BatchFailed; their waiting sentences are dropped."""
         for item in items:
             item.request.failed = True
+            item.state = DROPPED
             if not item.future.done():
                 item.future.set_exception(BatchFailed(f"{type(error).__name__}: {error}"))
-
-    async def _run(self, batch: list[_Item], options: DecodingOptions) -> None:
-        """Decode ``batch`` on the engine thread and resolve its futures; an engine error is logged and raised."""
-        name = self.engine.name
-        started = time.perf_counter()
-        try:
-            loop = asyncio.get_running_loop()
-            sources = [i.source for i in batch]
-            results = await loop.run_in_executor(self._executor, self.engine.translate_batch, sources, options)
-        except Exception:
-            self.metrics.batch_failures.labels(name).inc()
-            request_ids = sorted({i.request.request_id for i in batch})
-            logger.exception("engine batch of %d sentences failed (requests %s)", len(batch), ", ".join(request_ids))
-            raise
-        elapsed = time.perf_counter() - started
-        tokens = sum(len(r.candidates[0].tokens) + 1 for r in results if r.candidates)
-        self.metrics.batches.labels(name).inc()
-        self.metrics.batch_size.labels(name).observe(len(batch))
-        self.metrics.batch_seconds.labels(name).observe(elapsed)
-        self.metrics.sentences.labels(name).inc(len(batch))
-        self.metrics.generated_tokens.labels(name).inc(tokens)
-        self.metrics.tokens_per_second.labels(name).set(tokens / elapsed if elapsed > 0 else 0.0)
-        for item, result in zip(batch, results, strict=True):
-            if not item.future.done():
-                item.future.set_result(result)
+            self._finish(item)

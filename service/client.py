@@ -176,7 +176,7 @@ class HttpBackend:
 
 
 class LocalBackend:
-    """The service's own path in process (sentence splitting, micro-batcher, engine), with no HTTP: the same
+    """The service's own path in process (sentence splitting, continuous batcher, engine), with no HTTP: the same
     settings (``MT_`` environment) and so the same output as ``mt-serve`` on the same model dir."""
 
     def __init__(self, model_dir: Path, request: RequestOptions) -> None:
@@ -221,7 +221,7 @@ class LocalBackend:
         from pydantic import ValidationError
 
         from service import translate as translation
-        from service.batcher import BatchFailed, QueueFull, TooManySentences
+        from service.batcher import BatchFailed, QueueFull, TooManySentences, TooMuchWork
         from service.schemas import TranslateRequest
 
         try:
@@ -234,6 +234,8 @@ class LocalBackend:
             raise ClientError(f"{error}: lower --concurrency or --batch-lines") from None
         except TooManySentences as error:
             raise ClientError(f"{error} (lower --batch-lines, or split long lines)") from None
+        except TooMuchWork as error:
+            raise ClientError(f"{error} (lower --batch-lines, or set MT_MAX_OUTPUT_TOKENS)") from None
         except translation.TooLarge as error:
             raise ClientError(f"cannot translate with {self.model_dir}: {error}") from None
         except BatchFailed as error:

@@ -4,6 +4,11 @@ No FastAPI and no torch here: the engine is plain Python over onnxruntime and ``
 the batcher's worker thread, the benchmark and the tests alike. On CUDA the decoder cache stays on the
 device between steps (``IoBindingStepFunction``); on CPU host buffers are fed back (``OrtStepFunction``).
 
+The service decodes through :meth:`Engine.open_batch` (continuous batching: sentences join and leave a
+running batch at every step, ``model/continuous.py``, over host buffers on every device);
+:meth:`Engine.translate_batch` decodes one static batch (benchmarks, the batcher's per-request retry after
+a failed step).
+
 Attention, when asked for, is the decoder's alignment-layer cross-attention (head mean), one row per
 generated target token. The column of the source EOS is left out and every row renormalised over the shown
 source tokens, so rows still sum to 1.
@@ -20,6 +25,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, InvalidProtobuf, NoSuchFile
 
+from model.continuous import ContinuousBatch, OrtRowStep
 from model.decode import search_batch
 from model.decoding import PAPER, DecodingOptions
 from model.manifest import check_model_dir
@@ -153,6 +159,10 @@ class Engine:
         hypotheses = search_batch(step_fn, [len(s) for s in sources], self.info.config, options)
         return [self._result(src, hyps, options) for src, hyps in zip(sources, hypotheses, strict=True)]
 
+    def open_batch(self) -> EngineBatch:
+        """A new, empty running decoder batch over this engine's sessions (continuous batching)."""
+        return EngineBatch(self)
+
     def translate(self, texts: Sequence[str], options: DecodingOptions, max_batch_tokens: int = 4096) -> list[str]:
         """Best translation of each text, decoded in length-sorted batches of ``max_batch_tokens`` (no splitting)."""
         sources = self.encode(texts)
@@ -185,6 +195,45 @@ class Engine:
         shown = np.where(totals > 0, shown / np.where(totals > 0, totals, 1.0), uniform)
         source_tokens, target_tokens = self.tokenizer.pieces(list(src)), self.tokenizer.pieces(list(tgt))
         return Attention(source_tokens, target_tokens, shown, word_alignment(source_tokens, target_tokens, shown))
+
+
+class EngineBatch:
+    """The running decoder batch of an engine: sentences are admitted and dropped between steps, and each step
+    returns the sentences that finished, as :class:`SentenceResult` (use from the engine's thread only)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.batch = ContinuousBatch(OrtRowStep(engine.ort_model), engine.info.config)
+        self.sources: dict[object, tuple[list[int], DecodingOptions]] = {}  # every admitted, unfinished sentence
+        self.last_rows = 0  # rows of the last decoder call
+
+    @property
+    def live_rows(self) -> int:
+        return self.batch.live_rows
+
+    @property
+    def idle(self) -> bool:
+        return self.batch.idle
+
+    def admit(self, key: object, source: Sequence[int], options: DecodingOptions) -> None:
+        """Queue a tokenized, non-empty sentence to join at the next step; ``key`` comes back with its result."""
+        self.batch.admit(key, list(source), options)
+        self.sources[key] = (list(source), options)
+
+    def drop(self, keys: set) -> None:
+        """Cancel these sentences (queued or live); their rows are freed before the next step."""
+        self.batch.drop(keys)
+        for key in keys:
+            self.sources.pop(key, None)
+
+    def step(self) -> list[tuple[object, SentenceResult]]:
+        """One decoder call over every live row (newcomers encoded and joined first); the finished sentences."""
+        self.last_rows = self.batch.live_rows + len(self.batch.pending)  # each newcomer joins with one BOS row
+        out = []
+        for key, hyps in self.batch.step():
+            source, options = self.sources.pop(key)
+            out.append((key, self.engine._result(source, hyps, options)))
+        return out
 
 
 def word_index(pieces: Sequence[str]) -> np.ndarray:

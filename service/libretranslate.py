@@ -1,7 +1,7 @@
 """LibreTranslate-compatible routes, so that existing clients and plugins work unchanged (pinned in DESIGN.md):
 ``POST /translate``, ``GET /languages`` and ``POST /detect``, with JSON, form or multipart bodies.
 
-They run on the service's own translate path (limits, sentence splitting, micro-batcher) and answer in
+They run on the service's own translate path (limits, sentence splitting, continuous batcher) and answer in
 LibreTranslate's shapes: ``{"translatedText": ..., "alternatives"?: [...], "detectedLanguage"?: {...}}`` (lists
 of those for a list ``q``), and errors as ``{"error": ...}`` with LibreTranslate's status codes: 400 for a bad
 field or an unsupported language, 401/403 for API keys, 413, 429, 500 and 503 as on ``/v1``.

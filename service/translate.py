@@ -99,6 +99,36 @@ def check_attention(segmented: list[Segmented], results: list[SentenceResult], l
         )
 
 
+class AttentionBudget:
+    """Refuses a return_attention request (TooLarge) as soon as its finished sentences prove the response
+    over the budget, not after the whole decode: a text's matrix is (its target tokens) x (its source tokens),
+    the source side is known before decoding, and each finished sentence adds its target tokens for good."""
+
+    def __init__(self, segmented: list[Segmented], sources: list[list[int]], queued: list[int], limit: int) -> None:
+        self.limit = limit
+        text_of = [t for t, seg in enumerate(segmented) for _ in seg.sentences]  # sentence -> its text
+        self.text_of = [text_of[i] for i in queued]  # queued position -> its text
+        self.source_tokens = [0] * len(segmented)
+        for i, src in enumerate(sources):
+            self.source_tokens[text_of[i]] += len(src)
+        self.target_tokens = [0] * len(segmented)
+        self.cells = 0  # a lower bound of the response's weights: finished target tokens x source tokens
+
+    def __call__(self, index: int, result: SentenceResult) -> None:
+        if result.attention is None:
+            return
+        text = self.text_of[index]
+        added = len(result.attention.target_tokens)
+        self.target_tokens[text] += added
+        self.cells += added * self.source_tokens[text]
+        if self.cells > self.limit:
+            raise TooLarge(
+                f"return_attention would return at least {self.cells} attention weights (target x source tokens of "
+                f"each text), over this server's limit of {self.limit} (MT_MAX_ATTENTION_CELLS): send fewer or "
+                "shorter texts with return_attention, or leave it off"
+            )
+
+
 def decoding_options(body: TranslateRequest, info: ModelInfo) -> DecodingOptions:
     """The request's decoding: what it sets, the model's defaults (model.json ``decoding``) for the rest; a
     default beam is raised to ``n_best`` so that asking for alternatives alone works."""
@@ -127,7 +157,9 @@ async def translate(
         segmented, sources = await asyncio.to_thread(_prepare, texts, served, settings.split_sentences, listed)
     # Tokenless sentences (nothing SentencePiece keeps) translate to "" without the engine.
     queued = [i for i, src in enumerate(sources) if src]
-    decoded = await served.batcher.translate([sources[i] for i in queued], options, request_id)
+    budget = settings.max_attention_cells
+    check = AttentionBudget(segmented, sources, queued, budget) if options.return_attention else None
+    decoded = await served.batcher.translate([sources[i] for i in queued], options, request_id, check)
     results = [_empty(options)] * len(sources)
     for i, result in zip(queued, decoded, strict=True):
         results[i] = result

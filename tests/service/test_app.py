@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from model.decoding import DecodingOptions
 from model.model_dir import ModelDirError, read_model_dir
 from service import translate as translate_module
 from service.app import create_app
-from service.engine import Engine
+from service.engine import EngineBatch
 from service.settings import Settings, get_settings
 
 
@@ -96,14 +95,14 @@ def test_settings_read_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_request_timeout_answers_503(served_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    translate_batch = Engine.translate_batch
+    step = EngineBatch.step
 
-    def stalling(self: Engine, sources: list[list[int]], options: DecodingOptions) -> list:
-        if any(len(source) > 10 for source in sources):
+    def stalling(self: EngineBatch) -> list:
+        if any(len(source) > 10 for _, source, _ in self.batch.pending):  # a long sentence joins: stall once
             time.sleep(1.0)
-        return translate_batch(self, sources, options)
+        return step(self)
 
-    monkeypatch.setattr(Engine, "translate_batch", stalling)
+    monkeypatch.setattr(EngineBatch, "step", stalling)
     app = create_app(Settings(models=[served_model_dir], threads=1, request_timeout_s=0.3))
     with TestClient(app) as test_client:
         wait_ready(test_client)
@@ -181,6 +180,19 @@ def test_attention_over_the_budget_answers_413(served_model_dir: Path) -> None:
         assert "MT_MAX_ATTENTION_CELLS" in detail and "30" in detail and "return_attention" in detail
         plain = test_client.post("/v1/translate", json={"text": "w01 w02 w03 w04\nw05 w06 w07 w08"})
         assert plain.status_code == 200
+        # A short line, then 59 long ones: when the short one finishes, its target tokens x the text's source
+        # tokens already prove the response over the budget, so the request is refused then and the long
+        # sentences leave the decoder batch before they finish.
+        text = "\n".join(["w01 w02"] + ["w03 w04 w05 w06 w07 w08 w09"] * 59)
+        before = sentences_decoded(test_client)
+        many = test_client.post("/v1/translate", json={"text": text, "return_attention": True})
+        assert many.status_code == 413 and "at least" in many.json()["detail"]
+        assert sentences_decoded(test_client) - before < 59
+
+
+def sentences_decoded(test_client: TestClient) -> float:
+    lines = test_client.get("/metrics").text.splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("mt_sentences_total{"))
 
 
 @pytest.mark.parametrize("split", [True, False])

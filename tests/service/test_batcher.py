@@ -1,4 +1,8 @@
-"""The micro-batcher with a stand-in engine: queue limits, per-request fault isolation, dropped work."""
+"""The continuous batcher with a stand-in engine: queue limits, fairness, cancellation, fault isolation.
+
+The stand-in decodes a sentence in as many steps as it has tokens and echoes it; it records every step's
+live sentences, so the tests see exactly which sentences shared which decoder call.
+"""
 
 from __future__ import annotations
 
@@ -10,29 +14,82 @@ import pytest
 
 from model.decoding import DecodingOptions
 from service import batcher as batcher_module
-from service.batcher import Batcher, BatchFailed, BatchLimits, QueueFull, TooManySentences
+from service.batcher import Batcher, BatchFailed, BatchLimits, QueueFull, RequestTimeout, TooManySentences, TooMuchWork
 from service.engine import Candidate, SentenceResult
 from service.metrics import Metrics
 
 BAD = 99  # a token the stand-in engine fails on
 
 
-class FakeEngine:
-    """Echoes each source as its translation; raises on a batch holding BAD; waits while ``hold`` is clear."""
+def echo(source: Sequence[int]) -> SentenceResult:
+    return SentenceResult([Candidate(" ".join(map(str, source)), list(source), 0.0)])
 
+
+class FakeBatch:
+    """A running batch: each sentence needs len(source) steps; a step with BAD in it raises."""
+
+    def __init__(self, engine: FakeEngine) -> None:
+        self.engine = engine
+        self.live: dict[object, list] = {}  # key -> [source, steps left]
+        self.pending: dict[object, list] = {}
+        self.last_rows = 0
+
+    @property
+    def live_rows(self) -> int:
+        return sum(o.beam_size for _, _, o in self.live.values())
+
+    @property
+    def idle(self) -> bool:
+        return not self.live and not self.pending
+
+    def admit(self, key, source, options) -> None:
+        self.pending[key] = [list(source), len(source), options]
+
+    def drop(self, keys) -> None:
+        self.engine.dropped += [self.live[k][0] if k in self.live else self.pending[k][0] for k in keys]
+        self.engine.dropped_at.append(len(self.engine.steps))  # before the step that no longer has them
+        for key in keys:
+            self.live.pop(key, None)
+            self.pending.pop(key, None)
+
+    def step(self):
+        self.engine.hold.wait(10)
+        self.live.update(self.pending)
+        self.pending = {}
+        self.last_rows = self.live_rows
+        sources = [entry[0] for entry in self.live.values()]
+        self.engine.steps.append(sources)
+        if any(BAD in s for s in sources):
+            raise RuntimeError("injected fault")
+        out = []
+        for key, entry in list(self.live.items()):
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self.live[key]
+                out.append((key, echo(entry[0])))
+        return out
+
+
+class FakeEngine:
     name = "fake"
+    max_positions = 1024
 
     def __init__(self) -> None:
-        self.calls: list[list[list[int]]] = []
+        self.steps: list[list[list[int]]] = []  # the live sources of every step
+        self.static: list[list[list[int]]] = []  # translate_batch calls (retries after a failed step)
+        self.dropped: list[list[int]] = []
+        self.dropped_at: list[int] = []  # steps made when each drop happened
         self.hold = threading.Event()
         self.hold.set()
 
+    def open_batch(self) -> FakeBatch:
+        return FakeBatch(self)
+
     def translate_batch(self, sources: Sequence[Sequence[int]], options: DecodingOptions) -> list[SentenceResult]:
-        self.hold.wait(10)
-        self.calls.append([list(s) for s in sources])
+        self.static.append([list(s) for s in sources])
         if any(BAD in s for s in sources):
             raise RuntimeError("injected fault")
-        return [SentenceResult([Candidate(" ".join(map(str, s)), list(s), 0.0)]) for s in sources]
+        return [echo(s) for s in sources]
 
 
 def run(coroutine_fn, engine: FakeEngine, **limits):
@@ -54,6 +111,12 @@ def texts(results: list[SentenceResult]) -> list[str]:
     return [r.candidates[0].text for r in results]
 
 
+async def until(condition, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.001)
+
+
 def test_a_request_larger_than_the_queue_is_refused_but_one_that_fits_an_empty_queue_is_not() -> None:
     async def go(batcher: Batcher):
         with pytest.raises(TooManySentences, match=r"5 sentences.*MT_QUEUE_SIZE=4.*split the request"):
@@ -63,14 +126,27 @@ def test_a_request_larger_than_the_queue_is_refused_but_one_that_fits_an_empty_q
     assert texts(run(go, FakeEngine(), queue_size=4)) == ["1", "2", "3", "4"]
 
 
+def test_a_request_that_could_cause_too_much_work_is_refused_before_decoding() -> None:
+    engine = FakeEngine()
+
+    async def go(batcher: Batcher):
+        # Each sentence may generate source + 50 tokens: 3 x 51 = 153 > 150.
+        with pytest.raises(TooMuchWork, match=r"up to 153 target tokens.*MT_MAX_OUTPUT_TOKENS.*max_length"):
+            await batcher.translate([[1], [2], [3]], DecodingOptions())
+        # The same request with a max_length that bounds it is fine: 3 x 10 = 30.
+        return await batcher.translate([[1], [2], [3]], DecodingOptions(max_length=10))
+
+    assert texts(run(go, engine, max_output_tokens=150)) == ["1", "2", "3"]
+    assert all([1] not in step or [2] in step for step in engine.steps)  # the refused one never reached it
+
+
 def test_a_request_that_would_overfill_the_queue_gets_queue_full() -> None:
     engine = FakeEngine()
 
     async def go(batcher: Batcher):
         engine.hold.clear()
         busy = asyncio.ensure_future(batcher.translate([[1]], DecodingOptions()))  # holds the engine
-        while not engine.calls and batcher.depth:
-            await asyncio.sleep(0.01)
+        await until(lambda: batcher.depth == 0)
         await asyncio.sleep(0.05)
         waiting = asyncio.ensure_future(batcher.translate([[2], [3]], DecodingOptions()))
         await asyncio.sleep(0.01)
@@ -108,7 +184,110 @@ def test_a_big_request_is_queued_in_chunks_and_answered_in_order(monkeypatch: py
     assert ticks >= 100 // 7  # the event loop ran between chunks
 
 
-def test_a_failing_batch_is_retried_per_request_so_only_the_culprit_fails() -> None:
+def steps_with(engine: FakeEngine, source: list[int]) -> list[int]:
+    """Indices of the decoder calls that had ``source`` in them."""
+    return [i for i, step in enumerate(engine.steps) if source in step]
+
+
+def test_sentences_join_and_leave_at_every_step() -> None:
+    engine = FakeEngine()
+
+    async def go(batcher: Batcher):
+        long = asyncio.ensure_future(batcher.translate([[7] * 20], DecodingOptions()))
+        await until(lambda: len(engine.steps) >= 3)
+        arrived = len(engine.steps)
+        short = await batcher.translate([[1, 2]], DecodingOptions())  # joins the running batch
+        assert not long.done()  # it finished while the long one was still decoding
+        return arrived, await long, short
+
+    arrived, long, short = run(go, engine, max_wait_ms=0)
+    assert texts(short) == ["1 2"] and texts(long) == [" ".join(["7"] * 20)]
+    shared = steps_with(engine, [1, 2])
+    assert len(shared) == 2 and shared[0] <= arrived + 1  # joined at the next boundary, for its own two steps
+    assert all([7] * 20 in engine.steps[i] for i in shared)  # beside the long one
+    assert len(engine.steps) == 20  # the long sentence never waited for anybody
+
+
+def test_a_heavy_request_cannot_starve_a_light_one() -> None:
+    """One request of 40 long sentences fills the admission budget; a one-sentence request that arrives later
+    is admitted at the next step and answered after its own few steps, while the heavy one is still going."""
+    engine = FakeEngine()
+    heavy_sources = [[5] * 30 for _ in range(40)]  # cost (30 + 1) x 4 = 124 each
+
+    async def go(batcher: Batcher):
+        heavy = asyncio.ensure_future(batcher.translate(heavy_sources, DecodingOptions(), "heavy"))
+        await until(lambda: len(engine.steps) >= 5)
+        assert batcher.depth > 0  # the budget holds only part of the heavy request
+        arrived = len(engine.steps)
+        light = await batcher.translate([[1, 2, 3]], DecodingOptions(), "light")
+        assert not heavy.done()
+        return arrived, await heavy, light
+
+    arrived, heavy, light = run(go, engine, max_batch_tokens=500, max_wait_ms=0)
+    assert texts(light) == ["1 2 3"] and texts(heavy) == [" ".join(["5"] * 30)] * 40
+    light_steps = steps_with(engine, [1, 2, 3])
+    assert len(light_steps) == 3 and light_steps[0] <= arrived + 1  # no wait for the heavy sentences to end
+    assert max(len(step) for step in engine.steps) <= 500 // 124 + 1  # the budget held, overdrawn by one
+
+
+def test_freed_rows_go_to_the_request_holding_least() -> None:
+    """Two heavy requests queued one after the other share the budget instead of the first taking it all."""
+    engine = FakeEngine()
+
+    async def go(batcher: Batcher):
+        first = batcher.translate([[1] * 10 for _ in range(12)], DecodingOptions(), "a")
+        second = batcher.translate([[2] * 10 for _ in range(12)], DecodingOptions(), "b")
+        return await asyncio.gather(first, second)
+
+    run(go, engine, max_batch_tokens=4 * 44, max_wait_ms=0)  # four sentences of cost 44 fit
+    later = [step for step in engine.steps[12:] if any(s[0] == 1 for s in step)]
+    assert later and all(any(s[0] == 2 for s in step) for step in later)  # once "b" arrived, they always shared
+
+
+def test_a_cancelled_request_leaves_the_running_batch_at_the_next_step() -> None:
+    engine = FakeEngine()
+    metrics = Metrics()
+
+    async def go():
+        batcher = Batcher(engine, BatchLimits(max_wait_ms=0), metrics)
+        batcher.start()
+        try:
+            gone = asyncio.ensure_future(batcher.translate([[3] * 1000, [4] * 1000], DecodingOptions(), "gone"))
+            stays = asyncio.ensure_future(batcher.translate([[6] * 40], DecodingOptions(), "stays"))
+            await until(lambda: len(engine.steps) >= 5)
+            gone.cancel()  # the client left
+            cancelled_at = len(engine.steps)
+            await until(lambda: bool(engine.dropped))
+            assert engine.dropped_at[0] <= cancelled_at + 1  # at most the step already in flight ran with it
+            return await stays
+        finally:
+            await batcher.close()
+
+    stays = asyncio.run(go())
+    assert texts(stays) == [" ".join(["6"] * 40)]
+    assert engine.dropped == [[3] * 1000]  # its live sentence left the batch; its queued one never joined
+    assert max(steps_with(engine, [3] * 1000)) < engine.dropped_at[0] < 1000  # not the 1000 steps it asked for
+    rendered = metrics.render().decode()
+    assert 'mt_cancelled_sentences_total{model="fake",stage="decoding"} 1.0' in rendered
+    assert 'mt_cancelled_sentences_total{model="fake",stage="queued"} 1.0' in rendered
+    assert 'mt_in_flight_requests{model="fake"} 0.0' in rendered
+
+
+def test_a_request_past_its_deadline_is_answered_and_its_sentences_stop_decoding() -> None:
+    engine = FakeEngine()
+
+    async def go(batcher: Batcher):
+        with pytest.raises(RequestTimeout, match=r"MT_REQUEST_TIMEOUT_S=0\.2"):
+            await batcher.translate([[8] * 100_000], DecodingOptions(max_length=1))
+        timed_out = len(engine.steps)
+        await asyncio.sleep(0.1)
+        return timed_out, len(engine.steps)
+
+    timed_out, later = run(go, engine, request_timeout_s=0.2, max_wait_ms=0)
+    assert 0 < timed_out < 100_000 and later <= timed_out + 1  # no step after the next boundary
+
+
+def test_a_failing_step_is_retried_per_request_so_only_the_culprit_fails() -> None:
     engine = FakeEngine()
 
     async def go(batcher: Batcher):
@@ -121,11 +300,11 @@ def test_a_failing_batch_is_retried_per_request_so_only_the_culprit_fails() -> N
     culprit, innocent = run(go, engine, max_wait_ms=100)
     assert isinstance(culprit, BatchFailed) and "injected fault" in str(culprit)
     assert texts(innocent) == ["1", "2 3"]
-    assert len(engine.calls[0]) == 3  # they shared the batch that failed
-    assert sorted(map(len, engine.calls[1:])) == [1, 2]  # then one batch per request
+    assert engine.steps == [[[BAD], [1], [2, 3]]]  # they shared the step that failed
+    assert sorted(engine.static) == [[[1], [2, 3]], [[BAD]]]  # then each request was decoded alone
 
 
-def test_the_remaining_batches_of_a_failed_request_are_not_decoded() -> None:
+def test_the_waiting_sentences_of_a_failed_request_are_not_decoded() -> None:
     engine = FakeEngine()
 
     async def go(batcher: Batcher):
@@ -135,7 +314,7 @@ def test_the_remaining_batches_of_a_failed_request_are_not_decoded() -> None:
         assert batcher.depth == 0
         return after
 
-    # A token budget of one sentence per batch: the request's sentences go in four batches, the first fails.
+    # A budget of one sentence at a time: the request's first sentence fails, the other three never join.
     after = run(go, engine, max_batch_tokens=1, max_wait_ms=50)
-    assert engine.calls == [[[BAD]], [[4]]]
+    assert engine.steps == [[[BAD]], [[4]]]
     assert texts(after) == ["4"]

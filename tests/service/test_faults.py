@@ -35,29 +35,29 @@ def test_full_queue_answers_503_with_retry_after(fault_server: Server) -> None:
     assert all(r.json()["translations"][0]["text"] == "w01 w02" for r in rest if r.status_code == 200)
 
 
-def test_a_failing_batch_fails_only_the_request_it_fails_on(fault_server: Server) -> None:
+def test_a_failing_step_fails_only_the_request_it_fails_on(fault_server: Server) -> None:
     async def run() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=fault_server.url, timeout=60) as client:
             slow = asyncio.ensure_future(_post(client, SLOW_TEXT))  # holds the engine while the others queue
             await asyncio.sleep(0.5)
-            # Same options, queued together: they share the next batch, which fails on FAULT_TEXT.
+            # Queued together: they join the running batch at the same step, which fails on FAULT_TEXT.
             failed, other = await asyncio.gather(_post(client, FAULT_TEXT), _post(client, ["w03 w04", "w05 w06"]))
             assert (await slow).status_code == 200
             return [failed, other]
 
-    failures_before = fault_server.metric("mt_engine_batch_failures_total")
+    failures_before = fault_server.metric("mt_engine_step_failures_total")
     failed, other = asyncio.run(run())
     assert failed.status_code == 500
     body = failed.json()
     assert body["request_id"] == failed.headers["x-request-id"] and body["request_id"] in body["detail"]
     assert "injected fault" not in body["detail"]  # the engine's error is logged, not shown to clients
-    # The shared batch failed, then each request was decoded alone: only the one with FAULT_TEXT fails.
+    # The shared step failed, then each request was decoded alone: only the one with FAULT_TEXT fails.
     assert other.status_code == 200, other.text
     assert [t["text"] for t in other.json()["translations"]] == ["w03 w04", "w05 w06"]
-    assert fault_server.metric("mt_engine_batch_failures_total") - failures_before == 2  # shared, then alone
+    assert fault_server.metric("mt_engine_step_failures_total") - failures_before == 2  # shared, then alone
     after = httpx.post(f"{fault_server.url}/v1/translate", json={"text": "w06 w07"}, timeout=30)
     assert after.status_code == 200 and after.json()["translations"][0]["text"] == "w06 w07"
-    assert fault_server.metric("mt_engine_batch_failures_total") >= 1
+    assert fault_server.metric("mt_engine_step_failures_total") >= 1
 
 
 def test_a_disconnected_client_has_its_queued_work_dropped(fault_server: Server) -> None:

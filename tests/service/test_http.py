@@ -132,8 +132,9 @@ def test_bad_input_gets_a_status_and_a_message(server: Server, request_args: dic
     assert body["request_id"] == response.headers["x-request-id"]
 
 
-def test_concurrent_requests_share_engine_batches(server: Server, copy_sources: list[str]) -> None:
-    batches_before = server.metric("mt_engine_batches_total")
+def test_concurrent_requests_share_decoder_steps(server: Server, copy_sources: list[str]) -> None:
+    steps_before = server.metric("mt_engine_steps_total")
+    rows_before = server.metric("mt_engine_step_rows_sum")
 
     async def run() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
@@ -142,12 +143,17 @@ def test_concurrent_requests_share_engine_batches(server: Server, copy_sources: 
 
     responses = asyncio.run(run())
     assert [r.json()["translations"][0]["text"] for r in responses] == copy_sources[:16]
-    batches = server.metric("mt_engine_batches_total") - batches_before
-    assert 1 <= batches < 16
+    steps = server.metric("mt_engine_steps_total") - steps_before
+    rows = server.metric("mt_engine_step_rows_sum") - rows_before
+    longest = max(len(s.split()) for s in copy_sources[:16])
+    assert 1 <= steps < 16 * 2  # sixteen sentences alone would take at least two calls each
+    assert rows / steps > 4  # a call held more than one sentence's four beams on average
+    assert steps <= 4 * (longest + 2)  # the sentences shared steps, not one after another
     metrics = httpx.get(f"{server.url}/metrics").text
-    for name in ("mt_requests_total", "mt_request_latency_seconds_bucket", "mt_engine_batch_size_bucket"):
+    for name in ("mt_requests_total", "mt_request_latency_seconds_bucket", "mt_engine_step_rows_bucket"):
         assert name in metrics
-    assert "mt_queue_depth" in metrics and "mt_tokens_per_second" in metrics
+    for name in ("mt_queue_depth", "mt_live_rows", "mt_in_flight_requests", "mt_request_steps_bucket"):
+        assert name in metrics
 
 
 def test_translation_does_not_depend_on_the_batch(server: Server, served_model_dir) -> None:
