@@ -1,4 +1,4 @@
-"""Continuous batching over the exported copy model: sentences joining at random steps == each decoded alone.
+"""Continuous batching over the exported copy model: 300 sentences joining at random steps == each decoded alone.
 
 The reference is the static beam search (``model.search.beam_search`` over ``OrtStepFunction``) on one
 sentence at a time; the continuous batch mixes beam sizes, n-best, length penalties and max lengths, with
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import COPY_TASK, toy_pairs
 
 from model.continuous import ContinuousBatch, OrtRowStep
 from model.decode import search_batch
@@ -27,11 +28,12 @@ def ort_model(served_model_dir: Path) -> OrtModel:
 
 @pytest.fixture(scope="module")
 def sources(served_model_dir: Path, copy_task_dir: Path) -> list[list[int]]:
-    """150 held-out copy-task sentences (test and valid splits) as subword ids."""
+    """300 copy-task sentences: the 150 held-out ones (test and valid splits) and 150 more drawn like them."""
     tokenizer = Tokenizer(served_model_dir / "spm.model")
     lines = [
         *(copy_task_dir / "test.src").read_text().splitlines(),
         *(copy_task_dir / "valid.src").read_text().splitlines(),
+        *(src for src, _ in toy_pairs(150, "copy", seed=23, **COPY_TASK)),
     ]
     return tokenizer.encode_batch(lines)
 
