@@ -33,8 +33,9 @@ PARITY_SHAPES: tuple[tuple[int, int, int], ...] = tuple((b, s, p) for b in (1, 5
 # Max abs difference of log-probs allowed per variant. fp16 rounds activations to 11 significant bits;
 # int8 quantizes every weight matrix and its activation scales are calibrated on real decoding, while these
 # scripted steps feed random tokens (activations outside the calibrated ranges get clipped), so its figure
-# is a sanity bound (a broken graph is off by several nats) and BLEU is its real measure.
-TOLERANCES = {"fp32": 1e-4, "fp16": 5e-2, "int8": 1.0}
+# is a sanity bound (a broken graph is off by several nats) and BLEU is its real measure. 2 nats, not 1: the
+# tests' tiny copy model (d_model 32) reached 1.02 on the random tokens of a 37-token source (2026-12).
+TOLERANCES = {"fp32": 1e-4, "fp16": 5e-2, "int8": 2.0}
 PARITY_K = 8  # candidates per row compared by step parity (beam 4's 2K)
 MIN_IDENTICAL = 0.995  # share of sentences whose ONNX beam search must equal torch's (fp32)
 
