@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -117,13 +118,20 @@ class Batcher:
         self._held = 0  # budget held by the live sentences
         self._depth = 0  # queued sentences, not yet decoding or dropped
         self._steps = 0
-        self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self._enqueuing = 0  # requests part way through queueing their sentences (close waits for them)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{engine.name}")
-        self._batch: EngineBatch | None = None
-        self._gone: list[_Item] = []  # departed sentences the running batch still holds (dropped at its next step)
-        self._task: asyncio.Task | None = None
+        # Shared with the engine thread, under _lock: the (departed, joining) hand-overs it has not applied yet,
+        # whether its step loop runs, and whether a failed step halted it (until the loop has recovered).
+        self._lock = threading.Lock()
+        self._inbox: list[tuple[list[_Item], list[_Item]]] = []
+        self._running = False
+        self._halted = False
+        self._batch: EngineBatch | None = None  # the engine thread's (and, once halted, the recovery's)
+        self._pump_scheduled = False
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._recovering: asyncio.Future | None = None
 
     @property
     def depth(self) -> int:
@@ -135,14 +143,14 @@ class Batcher:
         return self._steps
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._schedule(), name=f"batcher-{self.engine.name}")
+        self._loop = asyncio.get_running_loop()
 
     async def close(self) -> None:
         """Stop taking requests, decode every queued sentence, then stop the engine thread."""
         self._closing = True
-        self._wake.set()
-        if self._task is not None:
-            await self._task
+        self._pump()
+        while self._requests or self._enqueuing or self._running or self._halted:
+            await asyncio.sleep(0.01)
         self._executor.shutdown(wait=True)
 
     async def translate(
@@ -186,10 +194,10 @@ class Batcher:
                     request.waiting.append(item)
                     request.unfinished += 1
                     items.append(item)
-                self._wake.set()
+                self._kick()
         finally:
             self._enqueuing -= 1
-            self._wake.set()
+            self._kick()
             if len(items) < len(sources):  # cancelled while queueing: give back the room never used
                 self._set_depth(self._depth - (len(sources) - len(items)))
                 for item in items:
@@ -259,7 +267,8 @@ class Batcher:
             self._set_depth(self._depth - 1)
             self.metrics.cancelled.labels(self.engine.name, "queued").inc()
             self._finish(item)
-            self._wake.set()
+        elif item.state == DECODING:
+            self._kick()  # it leaves the running batch at the next step boundary
 
     def _finish(self, item: _Item) -> None:
         """``item`` is answered or dropped: its request leaves the scheduler with its last sentence."""
@@ -337,58 +346,100 @@ class Batcher:
         heads = [item.enqueued for r in list(self._requests) if (item := self._head(r)) is not None]
         return min(heads, default=None)
 
-    async def _schedule(self) -> None:
-        loop = asyncio.get_running_loop()
-        name = self.engine.name
+    def _kick(self) -> None:
+        """Run the scheduler soon (once, however many callbacks ask for it before it runs)."""
+        if not self._pump_scheduled and self._loop is not None:
+            self._pump_scheduled = True
+            self._loop.call_soon(self._pump)
+
+    def _pump(self) -> None:
+        """On the event loop: hand departures and admissions to the engine thread, starting its step loop when
+        it is not running. The engine never waits for the event loop between steps: what is handed over here
+        joins (or leaves) at the next step boundary after it arrives."""
+        self._pump_scheduled = False
+        if self._halted:  # a failed step is being recovered; the pump runs again after it
+            return
+        gone = self._departures()
+        if not self._live and not self._running and not self._closing:
+            oldest = self._oldest_waiting()
+            remaining = 0.0 if oldest is None else oldest + self.limits.max_wait_ms / 1000 - time.monotonic()
+            if remaining > 0:  # an idle engine: the first sentence waits a moment for others to start with it
+                if self._idle_timer is None:
+                    self._idle_timer = self._loop.call_later(remaining, self._wake_after_wait)
+                return
+        joining = self._admissions()
+        if joining:
+            self.metrics.admitted.labels(self.engine.name).inc(len(joining))
+        if not gone and not joining:
+            return
+        with self._lock:
+            self._inbox.append((gone, joining))
+            start, self._running = not self._running, True
+        if start:
+            self._loop.run_in_executor(self._executor, self._engine_loop)
+
+    def _wake_after_wait(self) -> None:
+        self._idle_timer = None
+        self._pump()
+
+    def _engine_loop(self) -> None:
+        """On the engine thread: apply the hand-overs, step, report; until nothing is live or waiting to join."""
+        loop = self._loop
         while True:
-            self._gone += self._departures()
-            if not self._live:
-                self._batch, self._gone = None, []  # nothing live: a fresh batch for whoever comes next
-                self.metrics.live_rows.labels(name).set(0)
-                self.metrics.live_sentences.labels(name).set(0)
-                oldest = self._oldest_waiting()
-                if oldest is None:
-                    if self._closing and not self._enqueuing:
-                        return
-                    self._wake.clear()
-                    await self._wake.wait()
-                    continue
-                remaining = oldest + self.limits.max_wait_ms / 1000 - time.monotonic()
-                if remaining > 0 and not self._closing:
-                    # An idle engine: the first sentence waits a moment for others to start with it.
-                    await asyncio.sleep(remaining)
-                    continue
-            joining = self._admissions()
-            if self._batch is None:
-                self._batch = self.engine.open_batch()
-            gone, self._gone = self._gone, []
+            with self._lock:
+                handed, self._inbox = self._inbox, []
+                if not handed and (self._batch is None or self._batch.idle):
+                    self._running = False
+                    self._batch = None  # nothing live: a fresh batch for whoever comes next
+                    loop.call_soon_threadsafe(self._idle)
+                    return
             started = time.perf_counter()
             try:
-                retired = await loop.run_in_executor(self._executor, self._step, self._batch, gone, joining)
-            except Exception as error:
-                self.metrics.step_failures.labels(name).inc()
-                await self._recover(error)
-                continue
-            self._steps += 1
-            self.metrics.steps.labels(name).inc()
-            self.metrics.step_seconds.labels(name).observe(time.perf_counter() - started)
-            self.metrics.step_rows.labels(name).observe(self._batch.last_rows)
-            self.metrics.admitted.labels(name).inc(len(joining))
-            for item, result in retired:
+                if self._batch is None:
+                    self._batch = self.engine.open_batch()
+                batch = self._batch
+                for gone, joining in handed:
+                    if gone:
+                        batch.drop(set(gone))
+                    for item in joining:
+                        batch.admit(item, item.source, item.options)
+                if batch.idle:
+                    continue
+                retired = batch.step()
+            except Exception as error:  # whatever the engine raised, the step loop stops and the loop recovers
+                with self._lock:
+                    self._inbox, self._running, self._halted, self._batch = [], False, True, None
+                loop.call_soon_threadsafe(self._on_failure, error)
+                return
+            report = (retired, batch.last_rows, batch.live_rows, time.perf_counter() - started)
+            loop.call_soon_threadsafe(self._on_step, *report)
+
+    def _idle(self) -> None:
+        name = self.engine.name
+        self.metrics.live_rows.labels(name).set(0)
+        self.metrics.live_sentences.labels(name).set(0)
+        self._kick()  # anything that arrived while the engine was stopping
+
+    def _on_step(self, retired: list, rows: int, live_rows: int, seconds: float) -> None:
+        """On the event loop: one step was made; its finished sentences answer their requests."""
+        name = self.engine.name
+        self._steps += 1
+        self.metrics.steps.labels(name).inc()
+        self.metrics.step_seconds.labels(name).observe(seconds)
+        self.metrics.step_rows.labels(name).observe(rows)
+        for item, result in retired:
+            if item in self._live:  # not departed meanwhile
                 self._leave(item)
                 self._answer(item, result)
-            self.metrics.live_rows.labels(name).set(self._batch.live_rows)
-            self.metrics.live_sentences.labels(name).set(len(self._live))
-            await asyncio.sleep(0)  # let requests arrive, leave or time out before the next boundary
+        self.metrics.live_rows.labels(name).set(live_rows)
+        self.metrics.live_sentences.labels(name).set(len(self._live))
+        if retired or self._depth:
+            self._pump()
 
-    @staticmethod
-    def _step(batch: EngineBatch, gone: list[_Item], joining: list[_Item]) -> list[tuple[_Item, SentenceResult]]:
-        """On the engine thread: drop, admit, one decoder call."""
-        if gone:
-            batch.drop(set(gone))
-        for item in joining:
-            batch.admit(item, item.source, item.options)
-        return batch.step()  # type: ignore[return-value]  # the keys are the items
+    def _on_failure(self, error: Exception) -> None:
+        self.metrics.step_failures.labels(self.engine.name).inc()
+        task = asyncio.ensure_future(self._recover(error))
+        self._recovering = task  # keep a reference until it is done
 
     def _answer(self, item: _Item, result: SentenceResult) -> None:
         name = self.engine.name
@@ -403,8 +454,14 @@ class Batcher:
     async def _recover(self, error: Exception) -> None:
         """A step raised: the running batch is discarded and its sentences are decoded again one request at a time
         (static batches), so only the request(s) the engine fails on get BatchFailed."""
-        affected = list(self._live)
-        self._batch, self._gone = None, []
+        try:
+            await self._decode_alone(list(self._live), error)
+        finally:
+            with self._lock:
+                self._halted = False
+            self._pump()
+
+    async def _decode_alone(self, affected: list[_Item], error: Exception) -> None:
         requests: dict[_Request, list[_Item]] = {}
         for item in affected:
             self._leave(item)

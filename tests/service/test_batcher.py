@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Sequence
 
 import pytest
@@ -19,6 +20,9 @@ from service.engine import Candidate, SentenceResult
 from service.metrics import Metrics
 
 BAD = 99  # a token the stand-in engine fails on
+# Steps the engine may make between the event loop's decision and the boundary where it takes effect (it
+# never waits for the loop; on a loaded 2-core machine the loop can lag a few 1 ms steps behind).
+LAG = 5
 
 
 def echo(source: Sequence[int]) -> SentenceResult:
@@ -46,6 +50,7 @@ class FakeBatch:
         self.pending[key] = [list(source), len(source), options]
 
     def drop(self, keys) -> None:
+        keys = [k for k in keys if k in self.live or k in self.pending]  # not those it just finished
         self.engine.dropped += [self.live[k][0] if k in self.live else self.pending[k][0] for k in keys]
         self.engine.dropped_at.append(len(self.engine.steps))  # before the step that no longer has them
         for key in keys:
@@ -54,6 +59,7 @@ class FakeBatch:
 
     def step(self):
         self.engine.hold.wait(10)
+        time.sleep(self.engine.step_seconds)  # a decoder call takes time: the event loop runs meanwhile
         self.live.update(self.pending)
         self.pending = {}
         self.last_rows = self.live_rows
@@ -74,7 +80,8 @@ class FakeEngine:
     name = "fake"
     max_positions = 1024
 
-    def __init__(self) -> None:
+    def __init__(self, step_seconds: float = 0.001) -> None:
+        self.step_seconds = step_seconds
         self.steps: list[list[list[int]]] = []  # the live sources of every step
         self.static: list[list[list[int]]] = []  # translate_batch calls (retries after a failed step)
         self.dropped: list[list[int]] = []
@@ -148,16 +155,17 @@ def test_a_request_that_would_overfill_the_queue_gets_queue_full() -> None:
         busy = asyncio.ensure_future(batcher.translate([[1]], DecodingOptions()))  # holds the engine
         await until(lambda: batcher.depth == 0)
         await asyncio.sleep(0.05)
-        waiting = asyncio.ensure_future(batcher.translate([[2], [3]], DecodingOptions()))
+        # A budget of one sentence: the next request's first sentence joins (it holds nothing), two wait.
+        waiting = asyncio.ensure_future(batcher.translate([[2], [3], [4]], DecodingOptions()))
         await asyncio.sleep(0.01)
         assert batcher.depth == 2
         with pytest.raises(QueueFull, match="MT_QUEUE_SIZE=3"):
-            await batcher.translate([[4], [5]], DecodingOptions())
+            await batcher.translate([[5], [6]], DecodingOptions())
         engine.hold.set()
         return await busy, await waiting
 
-    busy, waiting = run(go, engine, queue_size=3, max_wait_ms=0)
-    assert texts(busy) == ["1"] and texts(waiting) == ["2", "3"]
+    busy, waiting = run(go, engine, queue_size=3, max_wait_ms=0, max_batch_tokens=8)
+    assert texts(busy) == ["1"] and texts(waiting) == ["2", "3", "4"]
 
 
 def test_a_big_request_is_queued_in_chunks_and_answered_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -203,7 +211,8 @@ def test_sentences_join_and_leave_at_every_step() -> None:
     arrived, long, short = run(go, engine, max_wait_ms=0)
     assert texts(short) == ["1 2"] and texts(long) == [" ".join(["7"] * 20)]
     shared = steps_with(engine, [1, 2])
-    assert len(shared) == 2 and shared[0] <= arrived + 1  # joined at the next boundary, for its own two steps
+    # Joined within a few steps (the engine keeps stepping while the event loop hands it over), for its own two.
+    assert len(shared) == 2 and shared[0] <= arrived + LAG
     assert all([7] * 20 in engine.steps[i] for i in shared)  # beside the long one
     assert len(engine.steps) == 20  # the long sentence never waited for anybody
 
@@ -226,7 +235,7 @@ def test_a_heavy_request_cannot_starve_a_light_one() -> None:
     arrived, heavy, light = run(go, engine, max_batch_tokens=500, max_wait_ms=0)
     assert texts(light) == ["1 2 3"] and texts(heavy) == [" ".join(["5"] * 30)] * 40
     light_steps = steps_with(engine, [1, 2, 3])
-    assert len(light_steps) == 3 and light_steps[0] <= arrived + 1  # no wait for the heavy sentences to end
+    assert len(light_steps) == 3 and light_steps[0] <= arrived + LAG  # no wait for the heavy sentences to end
     assert max(len(step) for step in engine.steps) <= 500 // 124 + 1  # the budget held, overdrawn by one
 
 
@@ -258,7 +267,7 @@ def test_a_cancelled_request_leaves_the_running_batch_at_the_next_step() -> None
             gone.cancel()  # the client left
             cancelled_at = len(engine.steps)
             await until(lambda: bool(engine.dropped))
-            assert engine.dropped_at[0] <= cancelled_at + 1  # at most the step already in flight ran with it
+            assert engine.dropped_at[0] <= cancelled_at + LAG  # left within a few steps, not the 1000 it asked for
             return await stays
         finally:
             await batcher.close()

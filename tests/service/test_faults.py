@@ -17,12 +17,18 @@ async def _post(client: httpx.AsyncClient, text: str | list[str]) -> httpx.Respo
     return await client.post("/v1/translate", json={"text": text})
 
 
-def test_full_queue_answers_503_with_retry_after(fault_server: Server) -> None:
+def test_full_queue_answers_503_with_retry_after(served_model_dir: Path, tmp_path: Path) -> None:
+    # An admission budget of 12 tokens: while the slow sentence (5 tokens x beam 4 = 24 = twice the budget)
+    # decodes, no other sentence may join, so the others wait in the queue (MT_QUEUE_SIZE=4).
+    server = start_server(
+        FAULT_SERVER, [served_model_dir], tmp_path / "queue.log", **FAULT_ENV, MT_MAX_BATCH_TOKENS="12"
+    )
+
     async def run() -> tuple[httpx.Response, list[httpx.Response]]:
-        async with httpx.AsyncClient(base_url=fault_server.url, timeout=60) as client:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
             slow = asyncio.ensure_future(_post(client, SLOW_TEXT))  # holds the engine
             await asyncio.sleep(0.5)
-            # MT_QUEUE_SIZE=4: four one-sentence requests fill the queue, the rest are refused.
+            # Four one-sentence requests fill the queue, the rest are refused.
             rest = await asyncio.gather(*(_post(client, "w01 w02") for _ in range(7)))
             return await slow, rest
 
@@ -30,9 +36,10 @@ def test_full_queue_answers_503_with_retry_after(fault_server: Server) -> None:
     assert slow.status_code == 200
     refused = [r for r in rest if r.status_code == 503]
     assert refused and len(refused) <= 3, [r.status_code for r in rest]
-    assert all(r.headers["retry-after"] == FAULT_ENV["MT_RETRY_AFTER_S"] for r in refused)
+    assert all(r.headers["retry-after"] == FAULT_ENV["MT_RETRY_AFTER_S"] for r in refused), server.log_tail()
     assert "MT_QUEUE_SIZE" in refused[0].json()["detail"]
     assert all(r.json()["translations"][0]["text"] == "w01 w02" for r in rest if r.status_code == 200)
+    server.stop()
 
 
 def test_a_failing_step_fails_only_the_request_it_fails_on(fault_server: Server) -> None:
