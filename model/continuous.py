@@ -106,7 +106,7 @@ class OrtRowStep:
         used = (~self.src_mask).any(axis=0)  # (S,) source columns some row reads
         width = int(np.flatnonzero(used)[-1]) + 1 if used.any() else 0
         if width < self.src_mask.shape[1]:
-            self.cross = [kv[:, :, :width] for kv in self.cross]
+            self.cross = [np.ascontiguousarray(kv[:, :, :width]) for kv in self.cross]  # copied once, not per call
             self.src_mask = self.src_mask[:, :width]
 
     def _add(self, admitted: Admitted) -> None:
@@ -114,25 +114,28 @@ class OrtRowStep:
         src_mask = np.asarray(admitted.src_pad_mask, dtype=bool)
         new_cross = self.model.encode(admitted.src_ids, src_mask)  # each (B, H, S', Dh)
         n_new, new_len = src_mask.shape
-        width = max(new_len, self.src_mask.shape[1])
-        self.src_mask = np.concatenate([_pad_cols(self.src_mask, width, True), _pad_cols(src_mask, width, True)])
-        self.cross = [
-            np.concatenate([_pad_axis2(old, width), _pad_axis2(new, width)])
-            for old, new in zip(self.cross, new_cross, strict=True)
-        ]
-        self.past = [np.concatenate([kv, np.zeros((n_new, *kv.shape[1:]), kv.dtype)]) for kv in self.past]
+        n_old, old_len = self.src_mask.shape
+        width = max(new_len, old_len)
+        # One copy of the old rows into buffers sized for all rows (no pad-then-concatenate double copy).
+        mask = np.ones((n_old + n_new, width), dtype=bool)  # (N + B, width) True = padding
+        mask[:n_old, :old_len], mask[n_old:, :new_len] = self.src_mask, src_mask
+        self.src_mask = mask
+        cross = []
+        for old, new in zip(self.cross, new_cross, strict=True):
+            buf = np.zeros((n_old + n_new, new.shape[1], width, new.shape[3]), new.dtype)  # (N + B, H, width, Dh)
+            buf[:n_old, :, :old_len], buf[n_old:, :, :new_len] = old, new
+            cross.append(buf)
+        self.cross = cross
+        past = []
+        for kv in self.past:
+            buf = np.empty((n_old + n_new, *kv.shape[1:]), kv.dtype)  # (N + B, H, P, Dh)
+            buf[:n_old], buf[n_old:] = kv, 0
+            past.append(buf)
+        self.past = past
         self.self_mask = np.concatenate([self.self_mask, np.ones((n_new, self.past_len), dtype=bool)])
         ids = np.arange(self.next_sentence, self.next_sentence + n_new)
         self.row_sentence = np.concatenate([self.row_sentence, ids])
         self.next_sentence += n_new
-
-
-def _pad_cols(mask: np.ndarray, width: int, value: bool) -> np.ndarray:
-    return np.pad(mask, ((0, 0), (0, width - mask.shape[1])), constant_values=value)
-
-
-def _pad_axis2(kv: np.ndarray, width: int) -> np.ndarray:
-    return np.pad(kv, ((0, 0), (0, 0), (0, width - kv.shape[2]), (0, 0)))  # (N, H, S, Dh) → (N, H, width, Dh)
 
 
 class ContinuousBatch:
