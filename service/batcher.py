@@ -99,11 +99,19 @@ class BatchLimits:
     queue_size: int = 2048
     request_timeout_s: float = 60.0
     max_output_tokens: int = 100_000
+    admit_every_steps: int = 8
 
     @classmethod
     def from_settings(cls, settings: Settings) -> BatchLimits:
         s = settings
-        return cls(s.max_batch_tokens, s.max_wait_ms, s.queue_size, s.request_timeout_s, s.max_output_tokens)
+        return cls(
+            s.max_batch_tokens,
+            s.max_wait_ms,
+            s.queue_size,
+            s.request_timeout_s,
+            s.max_output_tokens,
+            s.admit_every_steps,
+        )
 
 
 class Batcher:
@@ -130,6 +138,7 @@ class Batcher:
         self._halted = False
         self._batch: EngineBatch | None = None  # the engine thread's (and, once halted, the recovery's)
         self._pump_scheduled = False
+        self._last_admission = -(10**9)  # the step count when sentences last joined
         self._idle_timer: asyncio.TimerHandle | None = None
         self._recovering: asyncio.Future | None = None
 
@@ -367,8 +376,13 @@ class Batcher:
                 if self._idle_timer is None:
                     self._idle_timer = self._loop.call_later(remaining, self._wake_after_wait)
                 return
-        joining = self._admissions()
+        joining = []
+        # Joining costs a step an encoder call and a copy of the cache to append the newcomers' rows, so while
+        # rows are live, newcomers join every few steps together rather than one or two at every step.
+        if not self._live or self._steps - self._last_admission >= self.limits.admit_every_steps or self._closing:
+            joining = self._admissions()
         if joining:
+            self._last_admission = self._steps
             self.metrics.admitted.labels(self.engine.name).inc(len(joining))
         if not gone and not joining:
             return

@@ -75,6 +75,12 @@ class Settings(BaseSettings):
         description="admission budget of the running decoder batch: source tokens x beam size of its sentences "
         "(a request holding no rows may still join up to twice this, so nobody waits for a long decode)",
     )
+    admit_every_steps: int = Field(
+        8,
+        ge=1,
+        description="while the decoder batch is running, waiting sentences join it every this many steps, together "
+        "(each joining costs an encoder call and a copy of the cache; 1 = at every step)",
+    )
     max_wait_ms: float = Field(
         5.0, ge=0, description="when the engine is idle, how long a first sentence waits for others to start with it"
     )

@@ -20,9 +20,10 @@ from service.engine import Candidate, SentenceResult
 from service.metrics import Metrics
 
 BAD = 99  # a token the stand-in engine fails on
-# Steps the engine may make between the event loop's decision and the boundary where it takes effect (it
-# never waits for the loop; on a loaded 2-core machine the loop can lag a few 1 ms steps behind).
-LAG = 5
+# Steps the engine may make between a sentence's arrival and the boundary where it joins: newcomers join
+# every BatchLimits.admit_every_steps (8) steps, and the engine never waits for the event loop (on a loaded
+# 2-core machine the loop can lag a few 1 ms steps behind).
+LAG = 8 + 5
 
 
 def echo(source: Sequence[int]) -> SentenceResult:
@@ -155,16 +156,16 @@ def test_a_request_that_would_overfill_the_queue_gets_queue_full() -> None:
         busy = asyncio.ensure_future(batcher.translate([[1]], DecodingOptions()))  # holds the engine
         await until(lambda: batcher.depth == 0)
         await asyncio.sleep(0.05)
-        # A budget of one sentence: the next request's first sentence joins (it holds nothing), two wait.
+        # The running batch is mid-step: newcomers wait for the next admission (every 8 steps).
         waiting = asyncio.ensure_future(batcher.translate([[2], [3], [4]], DecodingOptions()))
         await asyncio.sleep(0.01)
-        assert batcher.depth == 2
-        with pytest.raises(QueueFull, match="MT_QUEUE_SIZE=3"):
+        assert batcher.depth == 3
+        with pytest.raises(QueueFull, match="MT_QUEUE_SIZE=4"):
             await batcher.translate([[5], [6]], DecodingOptions())
         engine.hold.set()
         return await busy, await waiting
 
-    busy, waiting = run(go, engine, queue_size=3, max_wait_ms=0, max_batch_tokens=8)
+    busy, waiting = run(go, engine, queue_size=4, max_wait_ms=0)
     assert texts(busy) == ["1"] and texts(waiting) == ["2", "3", "4"]
 
 
@@ -201,7 +202,7 @@ def test_sentences_join_and_leave_at_every_step() -> None:
     engine = FakeEngine()
 
     async def go(batcher: Batcher):
-        long = asyncio.ensure_future(batcher.translate([[7] * 20], DecodingOptions()))
+        long = asyncio.ensure_future(batcher.translate([[7] * 60], DecodingOptions()))
         await until(lambda: len(engine.steps) >= 3)
         arrived = len(engine.steps)
         short = await batcher.translate([[1, 2]], DecodingOptions())  # joins the running batch
@@ -209,12 +210,12 @@ def test_sentences_join_and_leave_at_every_step() -> None:
         return arrived, await long, short
 
     arrived, long, short = run(go, engine, max_wait_ms=0)
-    assert texts(short) == ["1 2"] and texts(long) == [" ".join(["7"] * 20)]
+    assert texts(short) == ["1 2"] and texts(long) == [" ".join(["7"] * 60)]
     shared = steps_with(engine, [1, 2])
     # Joined within a few steps (the engine keeps stepping while the event loop hands it over), for its own two.
     assert len(shared) == 2 and shared[0] <= arrived + LAG
-    assert all([7] * 20 in engine.steps[i] for i in shared)  # beside the long one
-    assert len(engine.steps) == 20  # the long sentence never waited for anybody
+    assert all([7] * 60 in engine.steps[i] for i in shared)  # beside the long one
+    assert len(engine.steps) == 60  # the long sentence never waited for anybody
 
 
 def test_a_heavy_request_cannot_starve_a_light_one() -> None:
