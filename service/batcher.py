@@ -298,8 +298,8 @@ class Batcher:
 
     def _head(self, request: _Request) -> _Item | None:
         """The request's next waiting sentence (dropped ones are removed on the way)."""
-        while request.waiting and request.waiting[0].state != QUEUED:
-            request.waiting.popleft()
+        while request.waiting and (request.waiting[0].state != QUEUED or request.waiting[0].future.done()):
+            request.waiting.popleft()  # dropped, or cancelled and about to be (its done-callback has not run yet)
         if request.waiting and request.failed:  # a failed request's other sentences are not decoded
             for item in request.waiting:
                 item.state = DROPPED
@@ -387,6 +387,8 @@ class Batcher:
         if not gone and not joining:
             return
         with self._lock:
+            if self._halted:  # a step failed meanwhile: the recovery takes every live sentence, these included
+                return
             self._inbox.append((gone, joining))
             start, self._running = not self._running, True
         if start:
@@ -420,10 +422,11 @@ class Batcher:
                 if batch.idle:
                     continue
                 retired = batch.step()
-            except Exception as error:  # whatever the engine raised, the step loop stops and the loop recovers
+            except BaseException as error:  # whatever the engine raised, the step loop stops and the loop recovers
+                in_step = set(self._batch.keys()) if self._batch is not None else set()  # sentences it held
                 with self._lock:
                     self._inbox, self._running, self._halted, self._batch = [], False, True, None
-                loop.call_soon_threadsafe(self._on_failure, error)
+                loop.call_soon_threadsafe(self._on_failure, error, in_step)
                 return
             report = (retired, batch.last_rows, batch.live_rows, time.perf_counter() - started)
             loop.call_soon_threadsafe(self._on_step, *report)
@@ -450,9 +453,9 @@ class Batcher:
         if retired or self._depth:
             self._pump()
 
-    def _on_failure(self, error: Exception) -> None:
+    def _on_failure(self, error: BaseException, in_step: set) -> None:
         self.metrics.step_failures.labels(self.engine.name).inc()
-        task = asyncio.ensure_future(self._recover(error))
+        task = asyncio.ensure_future(self._recover(error, in_step))
         self._recovering = task  # keep a reference until it is done
 
     def _answer(self, item: _Item, result: SentenceResult) -> None:
@@ -465,27 +468,33 @@ class Batcher:
             item.future.set_result(result)
         self._finish(item)
 
-    async def _recover(self, error: Exception) -> None:
-        """A step raised: the running batch is discarded and its sentences are decoded again one request at a time
-        (static batches), so only the request(s) the engine fails on get BatchFailed."""
+    async def _recover(self, error: BaseException, in_step: set) -> None:
+        """A step raised: the running batch is discarded and its live sentences are decoded again one request at a
+        time (static batches), so only the request(s) the engine fails on get BatchFailed. When the failed step
+        held one request's sentences only, that request is the culprit and fails without a retry."""
+        affected = list(self._live)
         try:
-            await self._decode_alone(list(self._live), error)
+            await self._decode_alone(affected, error, {item.request for item in in_step})
         finally:
+            for item in affected:  # never left unanswered, whatever happened above
+                if item.state == DECODING:
+                    self._fail([item], error)
             with self._lock:
                 self._halted = False
             self._pump()
 
-    async def _decode_alone(self, affected: list[_Item], error: Exception) -> None:
+    async def _decode_alone(self, affected: list[_Item], error: BaseException, in_step: set[_Request]) -> None:
         requests: dict[_Request, list[_Item]] = {}
         for item in affected:
             self._leave(item)
             requests.setdefault(item.request, []).append(item)
-        ids = ", ".join(sorted(r.request_id for r in requests))
-        logger.error("decoder step over %d sentences failed (requests %s): %r", len(affected), ids, error)
-        if len(requests) == 1:
-            self._fail(affected, error)
-            return
-        logger.info("decoding the failed step's sentences again, one request at a time")
+        ids = ", ".join(sorted(r.request_id for r in in_step))
+        logger.error("decoder step over the sentences of requests %s failed: %r", ids, error)
+        if len(in_step) == 1:  # the one request in the failed step is the culprit; any others join no step yet
+            (culprit,) = in_step
+            self._fail(requests.pop(culprit, []), error)
+        if requests:
+            logger.info("decoding the failed step's other sentences again, one request at a time")
         loop = asyncio.get_running_loop()
         for request, items in requests.items():
             await asyncio.sleep(0)

@@ -215,6 +215,10 @@ class EngineBatch:
     def idle(self) -> bool:
         return self.batch.idle
 
+    def keys(self) -> list:
+        """The keys of every sentence admitted and not yet finished or dropped."""
+        return list(self.sources)
+
     def admit(self, key: object, source: Sequence[int], options: DecodingOptions) -> None:
         """Queue a tokenized, non-empty sentence to join at the next step; ``key`` comes back with its result."""
         self.batch.admit(key, list(source), options)

@@ -47,6 +47,9 @@ class FakeBatch:
     def idle(self) -> bool:
         return not self.live and not self.pending
 
+    def keys(self) -> list:
+        return [*self.live, *self.pending]
+
     def admit(self, key, source, options) -> None:
         self.pending[key] = [list(source), len(source), options]
 
@@ -328,3 +331,24 @@ def test_the_waiting_sentences_of_a_failed_request_are_not_decoded() -> None:
     after = run(go, engine, max_batch_tokens=1, max_wait_ms=50)
     assert engine.steps == [[[BAD]], [[4]]]
     assert texts(after) == ["4"]
+
+
+def test_a_culprit_that_leaves_during_its_failing_step_does_not_take_an_innocent_request_with_it() -> None:
+    """The step holding both requests raises after the culprit's client left: the innocent one is decoded
+    again alone (the step held two requests, so neither is assumed guilty) and gets its translation."""
+    engine = FakeEngine()
+
+    async def go(batcher: Batcher):
+        engine.hold.clear()  # the first step (both requests in it) waits here
+        culprit = asyncio.ensure_future(batcher.translate([[BAD]], DecodingOptions(), "culprit"))
+        innocent = asyncio.ensure_future(batcher.translate([[1, 2, 3]], DecodingOptions(), "innocent"))
+        await until(lambda: batcher.depth == 0)
+        await asyncio.sleep(0.05)
+        culprit.cancel()  # the client leaves while the step that will fail is running
+        await asyncio.sleep(0.05)
+        engine.hold.set()
+        return await innocent
+
+    innocent = run(go, engine, max_wait_ms=50)
+    assert texts(innocent) == ["1 2 3"]
+    assert engine.steps == [[[BAD], [1, 2, 3]]] and engine.static == [[[1, 2, 3]]]
