@@ -79,12 +79,15 @@ class ServiceState:
         self.registry = registry
         preload = entries[1 : s.max_loaded_models or len(entries)]
         logger.info(
-            "ready in %.1f s: %d models known (%s), %s loaded; %s",
+            "ready in %.1f s: %d model%s known (%s), %s loaded; %s",
             time.perf_counter() - started,
             len(entries),
+            "" if len(entries) == 1 else "s",
             ", ".join(f"{e.name} ({e.pair[0]}→{e.pair[1]})" for e in entries),
             entries[0].name,
-            f"loading {len(preload)} more in the background" if preload else "the others load on first use",
+            f"loading {len(preload)} more in the background"
+            if preload
+            else ("the others load on first use" if len(entries) > 1 else "nothing else to load"),
         )
         if preload:
             self._preloading = asyncio.create_task(self._preload(registry, preload), name="preload-models")
