@@ -1,25 +1,28 @@
 """Continuous batching for one model: sentences from every request join and leave one running decoder batch.
 
-The event loop queues sentences and runs the scheduler; one worker thread per model runs the engine. At
-every step boundary the scheduler (1) drops the live sentences of requests that are gone (client left,
-timed out, failed), freeing their rows at once, (2) admits waiting sentences, and (3) runs one decoder call
-over every live row on the engine thread (``EngineBatch.step``: the newcomers are encoded and joined
-first). A sentence that finishes leaves the batch in that step and its result goes to its request at once;
-a request is answered when its last sentence is. A sentence's translation does not depend on what shares
-its steps (``model/continuous.py``).
+Two sides. The engine thread (one per model) runs the decoder batch step after step without waiting for
+anybody (``EngineBatch.step``: newcomers are encoded and joined first); between two steps it applies what the
+event loop handed it through a locked inbox: sentences that leave (their request is gone: client left,
+timed out, failed; their rows are freed at once) and sentences that join. The event loop queues requests'
+sentences, decides departures and admissions, and answers each sentence as soon as the engine reports it
+finished; a request is answered when its last sentence is. A sentence's translation does not depend on what
+shares its steps (``model/continuous.py``).
 
 Fairness. Admission follows a token budget (``max_batch_tokens``: source tokens x beam of the live
 sentences). The next sentence admitted is always one of the request holding the least budget (ties: the
 oldest request), so freed rows go to the requests that have least, and a request that holds nothing may
 join even when the budget is full (up to twice it): a short request never waits for a long decode to end.
+While rows are live, newcomers join together every ``admit_every_steps`` steps (joining costs the step an
+encoder call and a copy of the cache), at once when the engine is idle.
 
 Back-pressure and faults: a request with more sentences than ``queue_size`` could never be queued
 (``TooManySentences``, 413: split the request); one whose longest possible output exceeds
 ``max_output_tokens`` is refused before decoding (``TooMuchWork``, 413); one that would push the queue past
 ``queue_size`` is refused for now (``QueueFull``, 503 + Retry-After). A request not done within
-``request_timeout_s`` gets ``RequestTimeout``. When a step raises, the sentences that were in it are decoded
-again one request at a time (static batches), so only the request the engine fails on gets ``BatchFailed``
-and the others their translations; the running batch starts afresh.
+``request_timeout_s`` gets ``RequestTimeout``. When a step raises, the engine loop halts and the live
+sentences are decoded again one request at a time (static batches), so only the request the engine fails on
+gets ``BatchFailed`` (outright when the failed step held only its sentences) and the others their
+translations; the running batch starts afresh.
 """
 
 from __future__ import annotations
