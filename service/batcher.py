@@ -72,12 +72,11 @@ OVERDRAW = 2  # a request holding no rows may join until the live sentences cost
 
 @dataclass(eq=False)
 class _Request:
-    """A request's sentences in the scheduler: those waiting (in order), what its live ones hold, its steps."""
+    """A request's sentences in the scheduler: those waiting (in order), what its live ones hold, its first step."""
 
     request_id: str
     waiting: deque[_Item] = field(default_factory=deque)
     held: int = 0  # budget (source tokens x beam) of its sentences in the running batch
-    live: int = 0  # its sentences in the running batch
     unfinished: int = 0  # its sentences not yet answered or dropped
     failed: bool = False
     arrived: float = field(default_factory=time.monotonic)
@@ -149,11 +148,6 @@ class Batcher:
     def depth(self) -> int:
         return self._depth
 
-    @property
-    def steps(self) -> int:
-        """Decoder calls made so far."""
-        return self._steps
-
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
 
@@ -201,7 +195,8 @@ class Batcher:
                 if start:
                     await asyncio.sleep(0)
                 for source in sources[start : start + ENQUEUE_CHUNK]:
-                    item = _Item(list(source), options, loop.create_future(), request, self._cost(source, options))
+                    cost = batch_cost(len(source), 1, options.beam_size)
+                    item = _Item(list(source), options, loop.create_future(), request, cost)
                     item.future.add_done_callback(lambda _, item=item: self._forget(item))
                     request.waiting.append(item)
                     request.unfinished += 1
@@ -267,10 +262,6 @@ class Batcher:
                 "smaller max_length"
             )
 
-    @staticmethod
-    def _cost(source: Sequence[int], options: DecodingOptions) -> int:
-        return batch_cost(len(source), 1, options.beam_size)
-
     def _forget(self, item: _Item) -> None:
         """A queued sentence whose future was cancelled (timeout, client gone) is dropped from the queue at once;
         a live one leaves the running batch at the next step boundary."""
@@ -329,7 +320,6 @@ class Batcher:
             request.waiting.popleft()
             item.state = DECODING
             request.held += item.cost
-            request.live += 1
             if request.first_step is None:
                 request.first_step = self._steps
             self._held += item.cost
@@ -350,7 +340,6 @@ class Batcher:
     def _leave(self, item: _Item) -> None:
         del self._live[item]
         item.request.held -= item.cost
-        item.request.live -= 1
         self._held -= item.cost
 
     def _oldest_waiting(self) -> float | None:

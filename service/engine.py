@@ -221,8 +221,9 @@ class EngineBatch:
 
     def admit(self, key: object, source: Sequence[int], options: DecodingOptions) -> None:
         """Queue a tokenized, non-empty sentence to join at the next step; ``key`` comes back with its result."""
-        self.batch.admit(key, list(source), options)
-        self.sources[key] = (list(source), options)
+        source = list(source)
+        self.batch.admit(key, source, options)
+        self.sources[key] = (source, options)
 
     def drop(self, keys: set) -> None:
         """Cancel these sentences (queued or live); their rows are freed before the next step."""

@@ -92,11 +92,15 @@ def check_attention(segmented: list[Segmented], results: list[SentenceResult], l
         total += attention_cells(results[start : start + len(seg.sentences)])
         start += len(seg.sentences)
     if total > limit:
-        raise TooLarge(
-            f"return_attention would return {total} attention weights (target x source tokens of each text), "
-            f"over this server's limit of {limit} (MT_MAX_ATTENTION_CELLS): send fewer or shorter texts with "
-            "return_attention, or leave it off"
-        )
+        raise attention_too_large(total, limit)
+
+
+def attention_too_large(cells: int, limit: int, at_least: bool = False) -> TooLarge:
+    return TooLarge(
+        f"return_attention would return {'at least ' if at_least else ''}{cells} attention weights (target x "
+        f"source tokens of each text), over this server's limit of {limit} (MT_MAX_ATTENTION_CELLS): send fewer "
+        "or shorter texts with return_attention, or leave it off"
+    )
 
 
 class AttentionBudget:
@@ -111,22 +115,14 @@ class AttentionBudget:
         self.source_tokens = [0] * len(segmented)
         for i, src in enumerate(sources):
             self.source_tokens[text_of[i]] += len(src)
-        self.target_tokens = [0] * len(segmented)
         self.cells = 0  # a lower bound of the response's weights: finished target tokens x source tokens
 
     def __call__(self, index: int, result: SentenceResult) -> None:
         if result.attention is None:
             return
-        text = self.text_of[index]
-        added = len(result.attention.target_tokens)
-        self.target_tokens[text] += added
-        self.cells += added * self.source_tokens[text]
+        self.cells += len(result.attention.target_tokens) * self.source_tokens[self.text_of[index]]
         if self.cells > self.limit:
-            raise TooLarge(
-                f"return_attention would return at least {self.cells} attention weights (target x source tokens of "
-                f"each text), over this server's limit of {self.limit} (MT_MAX_ATTENTION_CELLS): send fewer or "
-                "shorter texts with return_attention, or leave it off"
-            )
+            raise attention_too_large(self.cells, self.limit, at_least=True)
 
 
 def decoding_options(body: TranslateRequest, info: ModelInfo) -> DecodingOptions:
