@@ -15,7 +15,9 @@
    (``OrtModel`` step function + ``model.search``), CTranslate2's ``Translator.translate_batch`` with
    ``max_decoding_length`` = longest source of the batch + 50. Ratios are ours / CTranslate2 in target
    tokens per second (output tokens + EOS, each engine counting its own); latency rows are p50 over batches
-   of one sentence (ratio > 1: ours is faster).
+   of one sentence (ratio > 1: ours is faster). CTranslate2's beam search stops a sentence once beam_size
+   hypotheses have finished; ours by default only when no live beam can still win (exact). The
+   "patience 1" rows give ours CTranslate2's rule (``DecodingOptions.patience``), so both run the same search.
 """
 
 from __future__ import annotations
@@ -135,6 +137,7 @@ class Case:
     beam_size: int
     threads: int
     batch_size: int
+    patience: float | None = None  # ours: None = the exact stopping rule (the default); 1.0 = CTranslate2's
 
 
 class Ours:
@@ -183,7 +186,7 @@ def batches(sources: list[list[int]], size: int) -> list[list[int]]:
 def run_case(case: Case, info: ModelInfo, ct2_dir: Path, sources: list[list[int]], tok: Tokenizer) -> dict:
     ours = Ours(info, case.variant, case.threads)
     theirs = CT2(ct2_dir, "int8" if case.variant == "int8" else "float32", case.threads, tok)
-    options = DecodingOptions(beam_size=case.beam_size)
+    options = DecodingOptions(beam_size=case.beam_size, patience=case.patience)
     plan = batches(sources, case.batch_size)
     inputs = [([sources[i] for i in b], theirs.pieces([sources[i] for i in b])) for b in plan]
     ours.translate(*inputs[0][:1], options)  # warm both engines up
@@ -222,6 +225,11 @@ CASES = (
     Case("int8, greedy, batch 32, 1 thread", "int8", 1, 1, 32),
     Case("fp32, beam 4, batch 1 p50 latency", "fp32", 4, 1, 1),
     Case("int8, beam 4, batch 1 p50 latency", "int8", 4, 1, 1),
+    # The same search on both sides: ours with CTranslate2's stopping rule (patience 1) instead of the exact one.
+    Case("fp32, beam 4, batch 32, patience 1", "fp32", 4, 1, 32, 1.0),
+    Case("fp32, beam 4, batch 32, 2 thr, pat. 1", "fp32", 4, 2, 32, 1.0),
+    Case("fp32, beam 4, batch 1 p50, patience 1", "fp32", 4, 1, 1, 1.0),
+    Case("int8, beam 4, batch 32, patience 1", "int8", 4, 1, 32, 1.0),
 )
 
 

@@ -33,6 +33,11 @@ class DecodingOptions:
     max_length: int | None = None  # if set, the max output length of every sentence (replaces the above)
     min_length: int = 0  # EOS is forbidden until this many tokens were generated
     return_attention: bool = False
+    # Stopping rule. None (default): exact — a sentence stops only when no live beam can still beat its
+    # n_best-th finished hypothesis. A number p: CTranslate2's and fairseq's rule (patience factor, Kasai et
+    # al., 2022) — stop once round(beam_size * p) hypotheses (and at least n_best) have finished; faster,
+    # and it may miss a longer hypothesis that would have scored higher.
+    patience: float | None = None
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -60,6 +65,11 @@ class DecodingOptions:
             out.append(f"min_length must be an integer >= 0, got {self.min_length!r}")
         elif _is_int(self.max_length) and self.min_length > self.max_length:
             out.append(f"min_length ({self.min_length}) must not exceed max_length ({self.max_length})")
+        if self.patience is not None:
+            if isinstance(self.patience, bool) or not isinstance(self.patience, (int, float)):
+                out.append(f"patience must be None (exact stopping) or a number > 0, got {self.patience!r}")
+            elif not math.isfinite(self.patience) or self.patience <= 0:
+                out.append(f"patience must be None (exact stopping) or a finite number > 0, got {self.patience!r}")
         if not isinstance(self.return_attention, bool):
             out.append(f"return_attention must be a bool, got {self.return_attention!r}")
         return out
@@ -67,6 +77,13 @@ class DecodingOptions:
     def penalty(self, length: int | np.ndarray) -> float | np.ndarray:
         """The GNMT length penalty lp(|Y|) = ((5 + |Y|) / 6) ** α."""
         return ((5.0 + np.asarray(length, dtype=np.float64)) / 6.0) ** self.length_penalty
+
+    def patience_hypotheses(self) -> int:
+        """With a ``patience``: how many finished hypotheses end a sentence, round(beam_size * patience)
+        (half away from zero, as CTranslate2 rounds), at least ``n_best``. 0 when patience is None."""
+        if self.patience is None:
+            return 0
+        return max(math.floor(self.beam_size * self.patience + 0.5), self.n_best)
 
     def max_lengths(self, src_lengths: Sequence[int] | np.ndarray) -> np.ndarray:
         """Each sentence's max output length (tokens before EOS): ``max_length`` or source + offset."""

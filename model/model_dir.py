@@ -36,7 +36,7 @@ class ModelInfo:
     weights_file: Path
     metadata: dict[str, Any] = field(default_factory=dict)
     # The model's decoding defaults (model.json "decoding", e.g. tuned on val by scripts/tune_decoding.py);
-    # the paper's where absent. Requests that leave beam_size/length_penalty unset get these.
+    # the paper's where absent. Requests that leave beam_size/length_penalty/patience unset get these.
     decoding: DecodingOptions = PAPER
     # model.json's "tokenizer" when it is not one joint spm file: {"type": "marian", "source", "target", "vocab"}
     tokenizer_spec: dict[str, str] | None = None
@@ -101,8 +101,9 @@ def read_model_dir(path: str | Path) -> ModelInfo:
 
 
 def _decoding(section: dict[str, Any], meta_path: Path) -> DecodingOptions:
-    """The defaults a model dir declares: beam size, length penalty, max length offset (other keys are notes)."""
-    keys = ("beam_size", "length_penalty", "max_length_offset")
+    """The defaults a model dir declares: beam size, length penalty, max length offset, patience (other keys
+    are notes)."""
+    keys = ("beam_size", "length_penalty", "max_length_offset", "patience")
     try:
         return DecodingOptions(**{key: section[key] for key in keys if key in section})
     except (TypeError, ValueError) as e:

@@ -22,8 +22,9 @@ top 2K candidates (K = beam size) by cumulative log prob are taken, ties going t
 the lower token id; EOS candidates among the first K go to the sentence's finished pool, scored with
 the GNMT length penalty; the best K non-EOS candidates become the next beams. A sentence stops when its
 pool holds ``n_best`` hypotheses and no live beam can still beat the ``n_best``-th of them, or at its
-maximum length, where every live beam is finished with EOS. Beam size 1 is greedy decoding: the argmax
-path, ending as soon as the argmax is EOS.
+maximum length, where every live beam is finished with EOS; with a ``patience`` p (``DecodingOptions``),
+once round(K * p) hypotheses have finished instead (CTranslate2's rule: fewer steps, not exact). Beam size 1
+is greedy decoding: the argmax path, ending as soon as the argmax is EOS.
 """
 
 from __future__ import annotations
@@ -219,10 +220,12 @@ def _rank_among(selected: np.ndarray, rank: np.ndarray) -> np.ndarray:
     return cumulative - (cumulative[first] - selected[first]) - 1
 
 
-def _add_finished(pool: list[_Finished], entry: _Finished, n_best: int) -> None:
+def _add_finished(sent: _Sentence, entry: _Finished) -> None:
+    sent.n_finished += 1
+    pool = sent.pool
     pool.append(entry)
     pool.sort(key=lambda f: -f.score)  # stable: an earlier equal score stays ahead
-    del pool[n_best:]
+    del pool[sent.options.n_best :]
 
 
 def _check_outputs(out: object, n_rows: int, k: int) -> StepOutput:
@@ -249,7 +252,8 @@ class _Sentence:
     max_len: int
     start: int  # the call of its BOS row
     src_len: int | None  # attention columns to keep (its own source with EOS); None keeps the step's width
-    pool: list[_Finished] = field(default_factory=list)
+    pool: list[_Finished] = field(default_factory=list)  # the n_best best finished hypotheses
+    n_finished: int = 0  # hypotheses finished so far (the patience rule counts them)
 
 
 class SearchBatch:
@@ -324,9 +328,7 @@ class SearchBatch:
             sent = live[row_pos[row]]
             log_prob = float(self.row_log_prob[row] + out.eos_log_probs[row])
             score = log_prob / float(sent.options.penalty(steps[row_pos[row]] + 1))
-            _add_finished(
-                sent.pool, _Finished(score, log_prob, call, int(row), int(steps[row_pos[row]])), sent.options.n_best
-            )
+            _add_finished(sent, _Finished(score, log_prob, call, int(row), int(steps[row_pos[row]])))
 
         cand = _top_candidates(self.row_log_prob, out, row_pos, 2 * beams, self.banned, self.eos_id, eos_banned)
         is_eos = cand.token == self.eos_id
@@ -335,11 +337,7 @@ class SearchBatch:
             sent = live[cand.pos[i]]
             log_prob = float(cand.log_prob[i])
             score = log_prob / float(sent.options.penalty(steps[cand.pos[i]] + 1))
-            _add_finished(
-                sent.pool,
-                _Finished(score, log_prob, call, int(cand.row[i]), int(steps[cand.pos[i]])),
-                sent.options.n_best,
-            )
+            _add_finished(sent, _Finished(score, log_prob, call, int(cand.row[i]), int(steps[cand.pos[i]])))
         extend = ~is_eos & searching
         extend &= _rank_among(extend, cand.rank) < beams[cand.pos]
 
@@ -419,7 +417,8 @@ def beam_search(
 def _can_stop(
     live: list[_Sentence], max_lens: np.ndarray, steps: np.ndarray, beam_pos: np.ndarray, beam_log_prob: np.ndarray
 ) -> np.ndarray:
-    """Which live sentences are done: no beams left, or none can beat their ``n_best``-th finished one."""
+    """Which live sentences are done: no beams left, or none can beat their ``n_best``-th finished one (with
+    a ``patience``: enough hypotheses finished)."""
     best = np.full(len(live), NEG_INF)
     first = np.ones(beam_pos.size, dtype=bool)  # beams come grouped by sentence, best first
     first[1:] = beam_pos[1:] != beam_pos[:-1]
@@ -434,6 +433,10 @@ def _can_stop(
         full = np.array([len(live[i].pool) >= n_best for i in members], dtype=bool)
         if config.beam_size == 1:
             done[idx] = full | (best[idx] == NEG_INF)  # greedy: the argmax path ends at the first EOS
+            continue
+        if config.patience is not None:  # enough hypotheses finished, whatever the live beams could reach
+            enough = np.array([live[i].n_finished for i in members]) >= config.patience_hypotheses()
+            done[idx] = enough | (best[idx] == NEG_INF)
             continue
         nth = np.array([live[i].pool[n_best - 1].score if len(live[i].pool) >= n_best else np.nan for i in members])
         # Log probs only fall from here, and the final |Y| lies in [step + 2, max_len + 1]; lp is monotone in

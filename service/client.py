@@ -50,10 +50,16 @@ class RequestOptions:
     beam_size: int | None = None  # None: the model's default (model.json decoding)
     return_scores: bool = False
     return_attention: bool = False
+    patience: float | None = None  # None: the model's default stopping rule (exact unless model.json says)
 
     def body(self, texts: list[str]) -> dict[str, Any]:
         body: dict[str, Any] = {"text": texts}
-        pairs = (("source", self.source), ("target", self.target), ("beam_size", self.beam_size))
+        pairs = (
+            ("source", self.source),
+            ("target", self.target),
+            ("beam_size", self.beam_size),
+            ("patience", self.patience),
+        )
         body |= {key: value for key, value in pairs if value}
         return body | {"return_scores": self.return_scores, "return_attention": self.return_attention}
 
@@ -414,6 +420,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="beam width, 1 = greedy (default: the model's, from its model.json; the paper's 4 unless tuned)",
     )
     parser.add_argument(
+        "--patience",
+        metavar="P",
+        type=float,
+        default=None,
+        help="stop a sentence once round(beam * P) translations finished (CTranslate2's rule: faster, not exact; "
+        "default: the exact rule, which stops only when no live beam can still win)",
+    )
+    parser.add_argument(
         "--ref", metavar="FILE", type=Path, help="references (plain or .gz): print BLEU and chrF on stderr"
     )
     parser.add_argument("--json", action="store_true", help="one JSON object per line: source, text, score")
@@ -434,6 +448,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             if getattr(args, n) is not None and getattr(args, n) < 1
         ),
         "--retries must be at least 0" if args.retries < 0 else "",
+        "--patience must be a number > 0" if args.patience is not None and not args.patience > 0 else "",
     ]
     if args.server:
         try:
@@ -446,7 +461,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 async def run(args: argparse.Namespace, lines: list[str], done: list[str], out: TextIO) -> list[str]:
-    request = RequestOptions(args.source, args.target, args.beam_size, args.json, args.attention)
+    request = RequestOptions(args.source, args.target, args.beam_size, args.json, args.attention, args.patience)
     backend: HttpBackend | LocalBackend
     if args.server:
         backend = HttpBackend(

@@ -15,6 +15,7 @@ from model.decoding import PAPER
 
 MAX_BEAM = 16  # beam sizes above this are refused whatever MT_MAX_BEAM says
 MAX_LENGTH = 1024  # the largest max_length accepted (a model may allow fewer: its max_positions - 1)
+MAX_PATIENCE = 16.0  # waits for up to 16 x beam finished translations; the max length ends a sentence anyway
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -69,6 +70,14 @@ class TranslateRequest(BaseModel):
         le=5.0,
         description="GNMT α: score = log p / ((5 + |Y|) / 6) ** α. Default: the model's (model.json decoding; "
         f"the paper's {PAPER.length_penalty} unless tuned)",
+    )
+    patience: float | None = Field(
+        None,
+        gt=0.0,
+        le=MAX_PATIENCE,
+        description="stopping rule. Unset (default): exact, a sentence ends only when no live beam can still win. "
+        "A number p: end a sentence once round(beam_size * p) translations have finished (CTranslate2's rule; "
+        "fewer decoding steps, and it may miss a longer translation that scores higher)",
     )
     max_length: int | None = Field(
         None,

@@ -131,11 +131,13 @@ def decoding_options(body: TranslateRequest, info: ModelInfo) -> DecodingOptions
     defaults = info.decoding
     beam = body.beam_size if body.beam_size is not None else max(defaults.beam_size, body.n_best)
     alpha = body.length_penalty if body.length_penalty is not None else defaults.length_penalty
+    patience = body.patience if body.patience is not None else defaults.patience
     return replace(
         defaults,
         beam_size=beam,
         n_best=body.n_best,
         length_penalty=alpha,
+        patience=patience,
         max_length=body.max_length,
         return_attention=body.return_attention,
     )

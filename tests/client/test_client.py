@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import sacrebleu
 
-from service.client import chunks, retry_after
+from service.client import RequestOptions, chunks, retry_after
 from service.client import main as mt_translate
 
 
@@ -200,6 +200,7 @@ def test_json_with_attention(server: str, sources: list[str], tmp_path: Path) ->
         (["--server", "http://x", "--resume"], "--resume needs -o FILE"),
         (["--server", "http://x", "--attention"], "--attention needs --json"),
         (["--server", "http://x", "--concurrency", "0"], "--concurrency must be at least 1"),
+        (["--server", "http://x", "--patience", "0"], "--patience must be a number > 0"),
         (["--server", "http://x", "--model", "m"], "not allowed with argument"),
         (["--server", "127.0.0.1:8000"], "is not an http:// or https:// URL: give one like http://127.0.0.1:8000"),
         (["--server", "localhost:8000"], "is not an http:// or https:// URL: give one like http://localhost:8000"),
@@ -238,6 +239,12 @@ def test_resume_refuses_json_written_for_another_input(tmp_path: Path, capsys: p
     code = mt_translate(["--server", "http://127.0.0.1:9", "-i", str(source), "-o", str(out), "--json", "--resume"])
     assert code == 1
     assert f"line 1 of {out} translates 'w09', not 'w01 w02': wrong file?" in capsys.readouterr().err
+
+
+def test_request_body_carries_only_the_options_given() -> None:
+    assert RequestOptions().body(["a"]) == {"text": ["a"], "return_scores": False, "return_attention": False}
+    body = RequestOptions(beam_size=5, patience=1.0).body(["a"])
+    assert body["beam_size"] == 5 and body["patience"] == 1.0
 
 
 def test_retry_after_header_forms() -> None:

@@ -311,6 +311,22 @@ def test_search_stops_once_no_live_beam_can_win():
     assert hyps[0].score == pytest.approx(math.log(0.45) / lp(3, 1.0), rel=1e-6)
 
 
+def test_patience_stops_once_enough_hypotheses_finished():
+    # Beam 2, α = 1. [] finishes at step 0 (0.3) and [A] at step 1 (0.7 * 0.5): two finished hypotheses, so
+    # patience 1 stops there with [A] (score log(0.35) / lp(2)). The exact rule goes on, since [A, A]
+    # (0.35 live, |Y| >= 3 ahead) can still win, and finds [A, A] ending at 0.35 * 0.9: score log(0.315) / lp(3).
+    table: Table = {(): {EOS: 0.3, A: 0.7}, (A,): {EOS: 0.5, A: 0.5}, (A, A): {EOS: 0.9, A: 0.1}}
+    (exact,), exact_fn = run([table], DecodingOptions(beam_size=2, length_penalty=1.0))
+    (patient,), patient_fn = run([table], DecodingOptions(beam_size=2, length_penalty=1.0, patience=1.0))
+    assert len(patient_fn.calls) == 2 and patient[0].tokens == [A]
+    assert patient[0].score == pytest.approx(math.log(0.35) / lp(2, 1.0), rel=1e-6)
+    assert len(exact_fn.calls) > 2 and exact[0].tokens == [A, A]
+    assert exact[0].score == pytest.approx(math.log(0.315) / lp(3, 1.0), rel=1e-6)
+    # Patience 2 waits for four hypotheses: [A, A] among them, so it agrees with the exact rule here.
+    (longer,), longer_fn = run([table], DecodingOptions(beam_size=2, length_penalty=1.0, patience=2.0))
+    assert longer[0].tokens == [A, A] and len(longer_fn.calls) > 2
+
+
 def test_exhaustive_search_agrees_with_enumeration():
     # With beam 16 over {A, B, EOS} and max length 3 no candidate is ever cut, so beam search must return
     # all 15 hypotheses in exactly the order that enumerating them gives.
@@ -384,17 +400,33 @@ def reference_search(dist, max_len: int, config: DecodingOptions) -> list[tuple[
         beams = [(v, beams[row][1] + (token,)) for v, row, token in candidates[: 2 * k] if token != EOS][:k]
         if k == 1 and finished:
             break
-        if len(finished) >= config.n_best:
+        if config.patience is not None:  # CTranslate2's rule: enough hypotheses finished
+            if len(finished) >= max(config.n_best, math.floor(k * config.patience + 0.5)):
+                break
+        elif len(finished) >= config.n_best:
             bound = max(beams[0][0] / lp(step + 2, alpha), beams[0][0] / lp(max_len + 1, alpha))
             if bound <= finished[config.n_best - 1][0]:
                 break
     return [(list(prefix), score) for score, prefix in finished[: config.n_best]]
 
 
-@pytest.mark.parametrize(("beam_size", "n_best", "alpha"), [(1, 1, 0.6), (3, 2, 0.6), (5, 5, 1.0), (4, 1, 0.0)])
-def test_matches_a_plain_reference_search_on_a_large_random_vocabulary(beam_size, n_best, alpha):
+@pytest.mark.parametrize(
+    ("beam_size", "n_best", "alpha", "patience"),
+    [
+        (1, 1, 0.6, None),
+        (3, 2, 0.6, None),
+        (5, 5, 1.0, None),
+        (4, 1, 0.0, None),
+        (4, 1, 0.6, 1.0),
+        (5, 2, 1.0, 0.5),
+        (3, 1, 0.6, 2.0),
+    ],
+)
+def test_matches_a_plain_reference_search_on_a_large_random_vocabulary(beam_size, n_best, alpha, patience):
     src_lengths = [3, 1, 6]
-    config = DecodingOptions(beam_size=beam_size, n_best=n_best, length_penalty=alpha, max_length_offset=4)
+    config = DecodingOptions(
+        beam_size=beam_size, n_best=n_best, length_penalty=alpha, max_length_offset=4, patience=patience
+    )
     step_fn, dist = random_step(len(src_lengths), vocab=500)
     hyps = beam_search(step_fn, src_lengths, bos_id=BOS, eos_id=EOS, config=config)
     for sentence, src_length in enumerate(src_lengths):
@@ -417,6 +449,9 @@ def test_matches_a_plain_reference_search_on_a_large_random_vocabulary(beam_size
         ({"min_length": -1}, "min_length"),
         ({"min_length": 5, "max_length": 4}, "min_length"),
         ({"return_attention": 1}, "return_attention"),
+        ({"patience": 0.0}, "patience"),
+        ({"patience": math.inf}, "patience"),
+        ({"patience": "1"}, "patience"),
     ],
 )
 def test_invalid_config_names_the_field(changes, field_name):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -243,3 +244,23 @@ def test_a_bad_decoding_section_is_named_at_start(served_model_dir: Path, tmp_pa
     (model_dir / "model.json").write_text(json.dumps(meta))
     with pytest.raises(ModelDirError, match=r"bad 'decoding' section: .*beam_size"):
         read_model_dir(model_dir)
+
+
+def test_patience_is_a_request_field_with_the_models_default_behind_it(
+    client: TestClient, served_model_dir: Path
+) -> None:
+    """``patience`` (CTranslate2's stopping rule) travels from the request, or from model.json's decoding
+    section, into the search's options; out-of-range values are refused naming the field."""
+    ok = client.post("/v1/translate", json={"text": "w01 w02 w03", "patience": 1.0})
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["translations"][0]["text"] == "w01 w02 w03"  # the copy model copies, whatever the rule
+    for bad in (0, -1, 17):
+        refused = client.post("/v1/translate", json={"text": "w01", "patience": bad})
+        assert refused.status_code == 422 and "patience" in refused.text, refused.text
+    info = read_model_dir(served_model_dir)
+    body = translate_module.TranslateRequest(text="w01")
+    assert translate_module.decoding_options(body, info).patience is None  # the exact rule by default
+    patient = replace(info, decoding=replace(info.decoding, patience=2.0))
+    assert translate_module.decoding_options(body, patient).patience == 2.0
+    body = translate_module.TranslateRequest(text="w01", patience=0.5)
+    assert translate_module.decoding_options(body, patient).patience == 0.5
