@@ -23,7 +23,7 @@ import numpy as np
 
 from model.config import ModelConfig
 from model.decoding import DecodingOptions
-from model.runtime import OrtModel
+from model.runtime import OrtModel, RowGather
 from model.search import Hypothesis, SearchBatch, StepOutput, is_identity
 from model.signature import MAX_CANDIDATES
 from model.tokenizer import pad_sources
@@ -55,6 +55,7 @@ class OrtRowStep:
         self.src_mask = np.zeros((0, 0), dtype=bool)  # (N, S)
         self.row_sentence = np.zeros(0, dtype=np.int64)  # an id per admitted sentence, for each row
         self.next_sentence = 0
+        self.rows = RowGather()
 
     @property
     def n_rows(self) -> int:
@@ -91,11 +92,11 @@ class OrtRowStep:
         """Gather the continuing rows (freeing the others), then cut cache slots and source columns no row sees."""
         reorder = np.asarray(reorder, dtype=np.int64)
         if not is_identity(reorder, self.n_rows):
-            self.past = [np.take(kv, reorder, axis=0) for kv in self.past]
+            self.past = [self.rows(("past", i), kv, reorder) for i, kv in enumerate(self.past)]
             self.self_mask = self.self_mask[reorder]
             row_sentence = self.row_sentence[reorder]
             if not np.array_equal(row_sentence, self.row_sentence):  # expansion, retired or pruned sentences
-                self.cross = [np.take(kv, reorder, axis=0) for kv in self.cross]
+                self.cross = [self.rows(("cross", i), kv, reorder) for i, kv in enumerate(self.cross)]
                 self.src_mask = self.src_mask[reorder]
                 self.row_sentence = row_sentence
         seen = (~self.self_mask).any(axis=0)  # (P,) slots some row attends to
