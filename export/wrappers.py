@@ -65,5 +65,6 @@ class DecoderStepGraph(nn.Module):
         self_mask = torch.cat([self_pad_mask, own], dim=1)  # (N, P+1)
         log_probs, present, attn = self.model.decode_step(tokens, positions, cross, src_pad_mask, past, self_mask)
         # log_probs are float32 already (the network upcasts before log-softmax); so is the attention here.
-        scores, ids, eos = best_candidates(log_probs[:, 0], top_k.shape[0], self.model.config.eos_id)
-        return (scores, ids, eos, attn[:, 0].float(), *flatten_kv(present))
+        # squeeze, not [:, 0]: a select exports as a Gather that copies the (N, V) table; Squeeze is free.
+        scores, ids, eos = best_candidates(log_probs.squeeze(1), top_k.shape[0], self.model.config.eos_id)
+        return (scores, ids, eos, attn.squeeze(1).float(), *flatten_kv(present))
