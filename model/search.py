@@ -203,7 +203,9 @@ def _top_candidates(
     row = np.repeat(np.arange(n_rows), width)
     token = out.ids.reshape(-1)
     values = row_log_prob[row] + out.scores.reshape(-1).astype(np.float64)
-    keep = np.isfinite(values) & ~np.isin(token, ban) & ~(eos_banned[row] & (token == eos_id))
+    keep = np.isfinite(values) & ~(eos_banned[row] & (token == eos_id))
+    for banned in ban:  # one or two ids: a comparison each is cheaper than np.isin's set machinery
+        keep &= token != banned
     row, token, values = row[keep], token[keep], values[keep]
     pos = row_pos[row]
     order = np.lexsort((token, row, -values, pos))  # by sentence, then best value, then row, then token
