@@ -179,6 +179,8 @@ class RowGather:
         self._buffers: dict[object, list[np.ndarray]] = {}
 
     def __call__(self, slot: object, array: np.ndarray, index: np.ndarray) -> np.ndarray:
+        if index.size and (index.min() < 0 or index.max() >= array.shape[0]):  # "clip" below would hide it
+            raise IndexError(f"row index out of range for {array.shape[0]} rows: {index.min()}..{index.max()}")
         shape = (index.size, *array.shape[1:])
         size = int(np.prod(shape))
         pool = self._buffers.setdefault(slot, [])
@@ -188,7 +190,7 @@ class RowGather:
             buffer = np.empty(size + size // 2, dtype=array.dtype)  # room to grow by a few steps
             pool[:] = [b for b in pool if np.may_share_memory(b, array)][:1] + [buffer]
         out = buffer[:size].reshape(shape)
-        # mode="clip" lets numpy write straight into `out` ("raise" would buffer); indices are in range anyway.
+        # mode="clip" lets numpy write straight into `out` ("raise" would buffer); the range was checked above.
         return np.take(array, index, axis=0, out=out, mode="clip")
 
 

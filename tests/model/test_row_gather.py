@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from model.runtime import RowGather
 
@@ -24,6 +25,8 @@ def test_row_gather_equals_take_and_reuses_its_buffers() -> None:
     # Later results live in the same two buffers as the first ones (no new allocation per step).
     later = [gather("past", np.ones((2, 2, 3, 4), np.float32), np.array([0, 1])) for _ in range(3)]
     assert any(np.shares_memory(a, b) for a in later for b in later if a is not b)
+    with pytest.raises(IndexError, match="out of range"):
+        gather("past", np.ones((2, 2, 3, 4), np.float32), np.array([0, 2]))
     # Another slot never shares buffers with this one.
     other = gather("cross", np.ones((2, 2, 3, 4), np.float32), np.array([1, 0]))
     assert not any(np.shares_memory(other, a) for a in later)
