@@ -425,7 +425,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=float,
         default=None,
         help="stop a sentence once round(beam * P) translations finished (CTranslate2's rule: faster, not exact; "
-        "default: the exact rule, which stops only when no live beam can still win)",
+        "default: the model's, from its model.json: the exact rule, which stops only when no live beam can win)",
     )
     parser.add_argument(
         "--ref", metavar="FILE", type=Path, help="references (plain or .gz): print BLEU and chrF on stderr"
