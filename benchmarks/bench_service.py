@@ -9,7 +9,7 @@
 
 Tokens are target subword tokens of the output (EOS included), counted the same way for every row. The
 clients run in this process on the same machine as the server, so on a small CPU box they take cycles
-from it; the goal is 32-client throughput ≥ 0.8x the direct engine's.
+from it; the goal is 32-client throughput ≥ 0.9x the direct engine's.
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def main() -> None:
         )
     top = max(rows[1:], key=lambda r: r["clients"])
     ratio = top["tokens_per_s"] / rows[0]["tokens_per_s"]
-    print(f"http with {top['clients']} clients / direct engine: {ratio:.2f}x (goal >= 0.8x)")
+    print(f"http with {top['clients']} clients / direct engine: {ratio:.2f}x (goal >= 0.9x)")
 
 
 if __name__ == "__main__":
