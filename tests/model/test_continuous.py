@@ -54,6 +54,7 @@ def random_options(rng: np.random.Generator) -> DecodingOptions:
         max_length=max_length,
         min_length=int(rng.choice([0, 0, 2])),
         return_attention=bool(rng.integers(2)),
+        patience=[None, None, 1.0, 0.5][rng.integers(4)],  # CTranslate2's stopping rule for some
     )
 
 
