@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from model.config import ModelConfig
 
 CACHE = "cache"  # dtype placeholder: the variant's K/V dtype
-# The decoder's top-k runs over this many groups of the vocabulary, so a step returns at most this many
-# candidates per row (beam 16 asks for 35).
-MAX_CANDIDATES = 128
+# The decoder's top-k runs over 64 to 128 groups of the vocabulary (as many as divide it evenly, so the
+# log-prob table needs no padding), so a step returns at most this many candidates per row (beam 16 asks
+# for 35).
+MAX_CANDIDATES = 64
 
 # Variant → (encoder file, decoder file, cache dtype) inside MODEL_DIR/onnx/.
 VARIANTS: dict[str, tuple[str, str, str]] = {

@@ -310,7 +310,15 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-GROUPS = MAX_CANDIDATES  # top-k in two passes over this many groups of the vocabulary (k must stay below it)
+MAX_GROUPS = 128  # top-k in two passes over at most this many groups of the vocabulary ...
+MIN_GROUPS = MAX_CANDIDATES  # ... and at least this many (k must not exceed the group count)
+
+
+def vocabulary_groups(vocab: int) -> int:
+    """The group count of the two-pass top-k: the largest in [MIN_GROUPS, MAX_GROUPS] that divides ``vocab``
+    (8000 → 125 groups of 64, 4000 → 125 of 32, 32000 → 128 of 250), so the table is grouped without a
+    padded copy; MAX_GROUPS (and padding) when none does."""
+    return next((g for g in range(MAX_GROUPS, MIN_GROUPS - 1, -1) if vocab % g == 0), MAX_GROUPS)
 
 
 def best_candidates(log_probs: Tensor, k: int, eos_id: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -318,17 +326,20 @@ def best_candidates(log_probs: Tensor, k: int, eos_id: int) -> tuple[Tensor, Ten
     first, and each row's EOS log prob (N,), which the search needs when it forces EOS at the max length.
 
     A row's k best entries lie in the k groups with the largest maxima (each of them is at most its group's
-    maximum), so a top-k over GROUPS group maxima and one over those k groups' entries replace a top-k over
+    maximum), so a top-k over the group maxima and one over those k groups' entries replace a top-k over
     the whole row: two reads of small arrays after one max-reduction, instead of a heap over V per row.
     The chosen set is exact; only equal values straddling the k-th place may be cut differently.
     """
     n, vocab = log_probs.shape
-    width = -(-vocab // GROUPS)  # ceil: entries per group
-    if vocab < 4 * GROUPS:  # small vocabularies: one plain top-k is as cheap
+    if vocab < 4 * MAX_GROUPS:  # small vocabularies: one plain top-k is as cheap
         scores, ids = torch.topk(log_probs, k, dim=-1)  # (N, k) each
         return scores, ids, log_probs[:, eos_id]
-    padded = F.pad(log_probs, (0, GROUPS * width - vocab), value=float("-inf"))  # (N, GROUPS * width)
-    grouped = padded.view(n, GROUPS, width)  # (N, G, W)
+    groups = vocabulary_groups(vocab)
+    width = -(-vocab // groups)  # ceil: entries per group
+    padded = log_probs
+    if groups * width != vocab:  # no divisor in range: pad with -inf (a copy of the table)
+        padded = F.pad(log_probs, (0, groups * width - vocab), value=float("-inf"))  # (N, G * W)
+    grouped = padded.view(n, groups, width)  # (N, G, W)
     _, top_groups = torch.topk(grouped.amax(dim=-1), k, dim=-1)  # (N, k)
     members = top_groups[:, :, None] * width + torch.arange(width, device=log_probs.device)  # (N, k, W)
     members = members.reshape(n, k * width)  # (N, k * W) token ids

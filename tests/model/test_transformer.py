@@ -7,7 +7,8 @@ import torch
 
 from model.config import PRESETS, ModelConfig, preset
 from model.model_dir import write_model_json
-from model.transformer import Transformer, best_candidates, count_parameters, reorder_cache
+from model.signature import MAX_CANDIDATES
+from model.transformer import Transformer, best_candidates, count_parameters, reorder_cache, vocabulary_groups
 from model.weights import load_model, save_weights
 
 
@@ -165,16 +166,23 @@ def test_weights_round_trip_through_a_model_dir(tmp_path, dtype: torch.dtype) ->
         assert (a - b).abs().max().item() <= tol, name
 
 
-@pytest.mark.parametrize("vocab", [8000, 50])
+@pytest.mark.parametrize("vocab", [8000, 4000, 8191, 50])
 def test_best_candidates_equal_a_plain_top_k(vocab: int) -> None:
     """The two-pass (grouped) top-k of large vocabularies returns exactly what one top-k over the row does
-    (equal values at the k-th place may be cut differently: any of them is a correct answer)."""
+    (equal values at the k-th place may be cut differently: any of them is a correct answer), whether the
+    groups divide the vocabulary (8000: 125 of 64; 4000: 125 of 32) or the table is padded (8191, a prime)."""
     torch.manual_seed(0)
     log_probs = torch.randn(64, vocab).log_softmax(-1)
     log_probs[0, :] = log_probs[0, 0]  # one row of equal values: any k of them, each once
-    for k in (1, 9, 35):
+    for k in (1, 9, 35, MAX_CANDIDATES) if vocab > MAX_CANDIDATES else (1, 9, 35):
         scores, ids, eos = best_candidates(log_probs, k, eos_id=3)
         expected_scores, expected_ids = torch.topk(log_probs[1:], k)
         assert torch.equal(scores[1:], expected_scores) and torch.equal(ids[1:], expected_ids)
         assert len(set(ids[0].tolist())) == k and bool((scores[0] == log_probs[0, 0]).all())
         assert torch.equal(eos, log_probs[:, 3])
+
+
+def test_vocabulary_groups_divide_the_vocabulary_when_they_can() -> None:
+    assert [vocabulary_groups(v) for v in (8000, 4000, 32000, 16000)] == [125, 125, 128, 128]
+    assert vocabulary_groups(8191) == 128  # prime, no divisor in [64, 128]: 128 groups over a padded table
+    assert all(vocabulary_groups(v) >= MAX_CANDIDATES for v in range(512, 3000))
