@@ -89,26 +89,35 @@ class OrtRowStep:
         return StepOutput(scores, ids, eos, cross_attn)
 
     def keep(self, reorder: np.ndarray) -> None:
-        """Gather the continuing rows (freeing the others), then cut cache slots and source columns no row sees."""
+        """Gather the continuing rows (freeing the others), cutting cache slots and source columns no row sees.
+
+        The cuts are made by the same gather, into contiguous buffers: a sliced view given to onnxruntime
+        would be copied by it at every call (+1.5 ms per call of 95 rows, ~15%, measured).
+        """
         reorder = np.asarray(reorder, dtype=np.int64)
-        if not is_identity(reorder, self.n_rows):
-            self.past = [self.rows(("past", i), kv, reorder) for i, kv in enumerate(self.past)]
+        identity = is_identity(reorder, self.n_rows)
+        regroup = False  # do the rows' sentences change (expansion, retired or pruned sentences)?
+        if not identity:
             self.self_mask = self.self_mask[reorder]
             row_sentence = self.row_sentence[reorder]
-            if not np.array_equal(row_sentence, self.row_sentence):  # expansion, retired or pruned sentences
-                self.cross = [self.rows(("cross", i), kv, reorder) for i, kv in enumerate(self.cross)]
+            regroup = not np.array_equal(row_sentence, self.row_sentence)
+            if regroup:
                 self.src_mask = self.src_mask[reorder]
                 self.row_sentence = row_sentence
         seen = (~self.self_mask).any(axis=0)  # (P,) slots some row attends to
         unseen = int(np.argmax(seen)) if seen.any() else self.past_len  # leading slots no row sees
         if unseen:
-            self.past = [kv[:, :, unseen:] for kv in self.past]
             self.self_mask = self.self_mask[:, unseen:]
+        if unseen or not identity:
+            self.past = [self.rows(("past", i), kv[:, :, unseen:], reorder) for i, kv in enumerate(self.past)]
         used = (~self.src_mask).any(axis=0)  # (S,) source columns some row reads
         width = int(np.flatnonzero(used)[-1]) + 1 if used.any() else 0
-        if width < self.src_mask.shape[1]:
-            self.cross = [np.ascontiguousarray(kv[:, :, :width]) for kv in self.cross]  # copied once, not per call
+        narrower = width < self.src_mask.shape[1]
+        if narrower:
             self.src_mask = self.src_mask[:, :width]
+        if regroup or narrower:
+            index = reorder if regroup else np.arange(self.n_rows)
+            self.cross = [self.rows(("cross", i), kv[:, :, :width], index) for i, kv in enumerate(self.cross)]
 
     def _add(self, admitted: Admitted) -> None:
         """Encode the newcomers and append their rows: an all-masked past, their cross K/V (sources padded)."""

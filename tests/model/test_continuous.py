@@ -64,8 +64,9 @@ def test_sentences_joining_at_random_steps_decode_as_if_alone(ort_model: OrtMode
     batch = ContinuousBatch(OrtRowStep(ort_model), ort_model.config)
     results: dict[int, list[Hypothesis]] = {}
     waiting = list(range(len(sources)))
-    mixed_positions = 0
+    mixed_positions = contiguous = steps = 0
     while waiting or not batch.idle:
+        steps += 1
         for _ in range(int(rng.integers(0, 5))):  # 0-4 sentences arrive before this step
             if waiting:
                 i = waiting.pop(0)
@@ -75,6 +76,9 @@ def test_sentences_joining_at_random_steps_decode_as_if_alone(ort_model: OrtMode
         for key, hyps in batch.step():
             results[key] = hyps
         assert batch.step_fn.n_rows == batch.live_rows  # retired rows are freed at once
+        cache = batch.step_fn.past + batch.step_fn.cross
+        contiguous += all(kv.flags.c_contiguous for kv in cache)  # cuts are gathered, not views onnxruntime copies
+    assert contiguous == steps
     assert mixed_positions > 20  # rows at different positions really shared calls
     assert sorted(results) == list(range(len(sources)))
     copied = 0
@@ -109,6 +113,7 @@ def test_a_retired_sentence_frees_its_rows_and_cache(ort_model: OrtModel, source
     assert retired == ["short"]
     assert rows[-2:] == [2 + 4, 2]  # the short sentence's 4 beams are gone right after it finished
     assert step.n_rows == 2 and step.past_len == 2 + len(rows)  # the long one's cache: no padding left
+    assert all(kv.flags.c_contiguous for kv in step.past + step.cross)  # cut by a gather, not left as a view
     while not batch.idle:
         retired += [key for key, _ in batch.step()]
     assert retired == ["short", "long"]
