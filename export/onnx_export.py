@@ -134,6 +134,14 @@ def quantize_int8(out_dir: Path, feeds: dict[str, list]) -> list[Path]:
     (``export.calibrate``: min/max over real decoding), not per call from the batch at hand, so int8
     translations do not depend on the batch. The attention products (activation × activation) stay
     float. The graphs first go through onnxruntime's quantization pre-processing, as it asks.
+
+    QDQ form, MatMul outputs left float: onnxruntime fuses each quantized input, int8 weight and MatMul into
+    one MatMulIntegerToFloat (int8 product, float result), where the QOperator form needs QuantizeLinear →
+    QLinearMatMul → DequantizeLinear and requantizes every product to 8 bits on the way out. The residual
+    connections then read the float activations again (:func:`_float_residuals`). Measured on the bundled
+    model: 203 → 184 decoder ops; val 898/1014 sentences identical to torch instead of 833, BLEU 40.34
+    instead of 40.05 (fp32 40.35), test2016 39.54 instead of 39.31 (fp32 39.58); speed about the same
+    (2,048 → 2,243 target tokens/s decoding 320 sentences alone, no change beside CTranslate2).
     """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -153,18 +161,41 @@ def quantize_int8(out_dir: Path, feeds: dict[str, list]) -> list[Path]:
                 prepared,
                 out_dir / dst,
                 FeedReader(feeds[graph]),
-                quant_format=QuantFormat.QOperator,
+                quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=["MatMul"],
                 nodes_to_quantize=_weight_matmuls(prepared),
                 per_channel=True,
                 reduce_range=True,
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
+                extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul"]},
             )
+            _float_residuals(out_dir / dst)
         finally:
             prepared.unlink(missing_ok=True)
         paths.append(out_dir / dst)
     return paths
+
+
+def _float_residuals(path: Path) -> None:
+    """Let every consumer of a quantized activation other than a MatMul read the float tensor instead.
+
+    In the QDQ form a tensor that feeds a quantized MatMul is replaced, for all its readers, by its
+    quantized-dequantized copy: the residual Add after each LayerNorm would add a value rounded to 8 bits
+    (an error the QOperator form never made) and cost a DequantizeLinear per reader. Rewiring those readers
+    to the QuantizeLinear's own input leaves the Q → DQ pair to the MatMul alone, which onnxruntime fuses.
+    """
+    model = onnx.load(str(path))
+    producer = {out: node for node in model.graph.node for out in node.output}
+    for node in model.graph.node:
+        if node.op_type == "MatMul":
+            continue
+        for i, name in enumerate(node.input):
+            dq = producer.get(name)
+            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear":
+                node.input[i] = q.input[0]  # the float activation, before its 8-bit rounding
+    onnx.save(model, str(path))
 
 
 def _weight_matmuls(path: Path) -> list[str]:

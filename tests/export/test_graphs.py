@@ -76,3 +76,33 @@ def test_a_broken_graph_fails_the_checker_first(exported_model_dir: Path, tmp_pa
     config = read_model_dir(exported_model_dir).config
     with pytest.raises(GraphCheckError, match=r"onnx\.checker rejects"):
         check_graph(path, decoder_signature(config))
+
+
+def test_int8_matmuls_take_quantized_inputs_and_residuals_stay_float(exported_model_dir: Path, tmp_path: Path) -> None:
+    """QDQ int8: every weight MatMul reads an 8-bit activation and gives a float result (one fused
+    MatMulIntegerToFloat per MatMul once onnxruntime optimizes it), and nothing else reads a rounded one."""
+    import onnxruntime as ort
+
+    path = exported_model_dir / "onnx" / "decoder.int8.onnx"
+    graph = onnx.load(str(path)).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    readers = [
+        (node.op_type, producer[name].op_type)
+        for node in graph.node
+        for name in node.input
+        if name in producer and producer[name].op_type == "DequantizeLinear"
+    ]
+    assert readers and {reader for reader, _ in readers} == {"MatMul"}  # residual Adds read the float tensor
+    assert not {n.op_type for n in graph.node} & {"QLinearMatMul"}  # no 8-bit requantized products
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    weights = sum(
+        1
+        for n in graph.node
+        if n.op_type == "MatMul" and n.input[1] in producer and producer[n.input[1]].op_type == "DequantizeLinear"
+    )
+    assert ops.count("MatMulIntegerToFloat") == weights > 0
+    assert "DequantizeLinear" not in ops  # each Q -> DQ pair fused into its MatMul
