@@ -33,7 +33,10 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when onnxruntime has it")
     variant: Literal["auto", "fp32", "int8", "fp16"] = Field(
         "auto",
-        description="ONNX variant; auto = fp16 on CUDA when recommended, else fp32 (int8 only when asked)",
+        description=(
+            "ONNX variant; auto = fp16 on CUDA when recommended; on CPU int8 when the export validated it within 0.1 "
+            "BLEU of fp32, else fp32"
+        ),
     )
     threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per model; 0 = one per physical core")
     warmup: bool = Field(True, description="decode a sentence per model before reporting ready")

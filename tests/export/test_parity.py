@@ -88,13 +88,23 @@ def test_int8_translation_does_not_depend_on_the_batch(exported_model_dir: Path,
     assert sum(tokenizer.decode(ids) == text for ids, text in zip(alone, copy_sources, strict=True)) >= 90
 
 
-def test_auto_keeps_fp32_on_cpu_and_int8_is_asked_for(exported_model_dir: Path) -> None:
+def test_auto_serves_int8_on_cpu_only_within_the_default_paths_loss(exported_model_dir: Path) -> None:
     manifest = read_manifest(exported_model_dir / "onnx")
-    int8 = manifest["variants"]["int8"]
+    int8, fp32 = manifest["variants"]["int8"], manifest["variants"]["fp32"]
     assert int8["activation_scales"] == STATIC_SCALES
-    int8["recommended"] = True
-    assert resolve_variant(manifest, "auto", "cpu") == "fp32"  # the default path stays the reference
+    fp32["bleu"], int8["bleu"], int8["recommended"] = 40.35, 40.25, True  # within 0.1 of fp32
+    assert resolve_variant(manifest, "auto", "cpu") == "int8"
+    assert resolve_variant(manifest, "fp32", "cpu") == "fp32"  # asked for: always
+    assert resolve_variant(manifest, "auto", "cuda") != "int8"  # int8 is a CPU variant
+    int8["bleu"] = 40.2  # recommended (within 0.5) but more than the default path may lose
+    assert resolve_variant(manifest, "auto", "cpu") == "fp32"
     assert resolve_variant(manifest, "int8", "cpu") == "int8"
+    int8["bleu"], int8["activation_scales"] = 40.35, "dynamic"  # batch-dependent int8 is never the default
+    assert resolve_variant(manifest, "auto", "cpu") == "fp32"
+    int8["activation_scales"], fp32["bleu"], int8["bleu"] = STATIC_SCALES, None, None  # exported without val set
+    assert resolve_variant(manifest, "auto", "cpu") == "fp32"
+    del manifest["variants"]["int8"]
+    assert resolve_variant(manifest, "auto", "cpu") == "fp32"
     manifest["variants"].setdefault("fp16", {})["recommended"] = True
     assert resolve_variant(manifest, "auto", "cuda") == "fp16"
     manifest["variants"]["fp16"]["recommended"] = False
