@@ -41,7 +41,7 @@ FOLD_LIMIT = 1 << 28  # elements: constant-fold weight concatenations of any mod
 
 # Sizes of the tracing example: each at least 2 and all different, so torch.export neither specializes
 # an axis to 0/1 nor merges two axes that happen to be equal. Validation runs at other sizes.
-EXAMPLE_SIZES = {"batch": 3, "src_len": 7, "rows": 6, "past_len": 5, "k": 9}
+EXAMPLE_SIZES = {"batch": 3, "src_len": 7, "rows": 6, "sentences": 2, "past_len": 5, "k": 9}  # rows = 3 x sentences
 
 
 class ExportError(RuntimeError):

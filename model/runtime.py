@@ -3,8 +3,8 @@
 - :class:`OrtModel` holds one variant's encoder and decoder sessions, checked against ``model.signature``.
 - :class:`OrtStepFunction` implements the search's step-function contract on host (numpy) buffers: each
   step feeds the previous step's present K/V back as the past, gathered with the search's reorder index
-  unless it is the identity. The cross-attention K/V are gathered only when the rows' sentences change
-  (expansion to beams, finished sentences dropped), not on every step.
+  unless it is the identity. The cross-attention K/V are fed once per sentence, shared by its beams (the
+  rows of a static batch come in equal blocks per sentence), and gathered only when sentences finish.
 - :class:`IoBindingStepFunction` is the same with every K/V tensor kept on the session's device (CUDA)
   between steps through IO binding; only tokens, positions and masks go in, candidates and attention out.
 """
@@ -19,7 +19,7 @@ import onnxruntime as ort
 
 from model.config import ModelConfig
 from model.model_dir import read_model_dir
-from model.search import StepOutput, is_identity
+from model.search import StepOutput, is_identity, sentence_blocks
 from model.signature import MAX_CANDIDATES, VARIANTS, GraphSignature, decoder_signature, encoder_signature, kv_names
 
 CPU = ("CPUExecutionProvider",)
@@ -79,6 +79,17 @@ def _check_signature(session: ort.InferenceSession, signature: GraphSignature, p
             f"{path} does not match the declared {signature.name} signature (inputs {got_in}, outputs {got_out}; "
             f"expected {signature.input_names} → {signature.output_names}): re-export with `mt-export --force`"
         )
+    for value, spec in zip(session.get_inputs(), signature.inputs, strict=True):
+        # Named axes must be the declared ones: a graph from an older export (e.g. cross K/V per row, not
+        # per sentence) has the same names but would be fed shapes it cannot take.
+        axes = list(value.shape)
+        if len(axes) != len(spec.axes) or any(
+            isinstance(got, str) and got != want for got, want in zip(axes, spec.axes, strict=True)
+        ):
+            raise OrtModelError(
+                f"{path} is from an older export: its input {spec.name} has axes {axes}, this version "
+                f"declares {list(spec.axes)}: re-export with `mt-export --force`"
+            )
 
 
 class OrtModel:
@@ -200,6 +211,8 @@ class OrtStepFunction:
     The past K/V are gathered with ``reorder`` on the host, and not at all when it is the identity (greedy
     search, beams that keep their places); the graph appends the new K/V (present = past + 1 slot). The
     self-attention padding mask (N, P) is all False here: every row of a static batch is at the same step.
+    The cross K/V go in per sentence while the rows come in equal blocks per sentence (``sentence_blocks``):
+    the beams' expansion gathers nothing, a finished sentence drops one entry, not beam_size copies.
     """
 
     def __init__(self, model: OrtModel, src_ids: np.ndarray, src_pad_mask: np.ndarray) -> None:
@@ -207,6 +220,7 @@ class OrtStepFunction:
         self.base_mask = np.asarray(src_pad_mask, dtype=bool)
         self.base_cross = self._encode(np.asarray(src_ids, dtype=np.int64))  # each (B, H, S, Dh)
         self.row_sentence = np.arange(self.base_mask.shape[0])  # the sentence of each current row
+        self.fed = self.row_sentence  # the sentence of each cross K/V entry fed (the rows in blocks, one per entry)
         self.rows = RowGather()
         self.cross = self.base_cross
         self.mask = self.base_mask
@@ -223,18 +237,29 @@ class OrtStepFunction:
             self.past = self._gather("past", self.past, reorder)
             row_sentence = self.row_sentence[reorder]
             if not np.array_equal(row_sentence, self.row_sentence):  # expansion or finished sentences
-                self.cross = self._gather("cross", self.base_cross, row_sentence)
-                self.mask = self.base_mask[row_sentence]
-                self.row_sentence = row_sentence
+                self._feed_sentences(row_sentence)
         n_rows = tokens.shape[0]
         feeds = {
             "tokens": tokens[:, None],  # (N, 1)
             "positions": np.full((n_rows, 1), step, dtype=np.int64),  # (N, 1)
             "top_k": np.zeros(min(k, self.model.config.vocab_size), dtype=np.int64),  # (k,)
-            "src_pad_mask": self.mask,  # (N, S)
+            "src_pad_mask": self.mask,  # (B, S): B sentences, or one per row
             "self_pad_mask": np.zeros((n_rows, step), dtype=bool),  # (N, P)
         }
         return self._run(feeds)
+
+    def _feed_sentences(self, row_sentence: np.ndarray) -> None:
+        """The cross K/V and source mask for rows of these sentences: one per sentence when the rows come in
+        equal blocks per sentence (beams share it; none gathered while the live sentences stay the same),
+        else one per row."""
+        fed = sentence_blocks(row_sentence)
+        fed = row_sentence if fed is None else fed
+        if not np.array_equal(fed, self.fed):
+            identity = is_identity(fed, self.base_mask.shape[0])
+            self.cross = self.base_cross if identity else self._gather("cross", self.base_cross, fed)
+            self.mask = self.base_mask[fed]
+            self.fed = fed
+        self.row_sentence = row_sentence
 
     def _encode(self, src_ids: np.ndarray) -> list:
         return self.model.encode(src_ids, self.base_mask)

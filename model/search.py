@@ -60,6 +60,23 @@ def is_identity(reorder: np.ndarray, previous_rows: int) -> bool:
     return len(reorder) == previous_rows and bool((reorder == np.arange(previous_rows)).all())
 
 
+def sentence_blocks(row_sentence: np.ndarray) -> np.ndarray | None:
+    """The sentence of each block when the rows come in equal blocks of consecutive rows, one sentence each
+    (a static beam search: every live sentence has its beams side by side), else None.
+
+    A step function then feeds one cross-attention K/V per block, which its G rows share (the decoder
+    graph's ``sentences`` axis, rows = sentences x G); otherwise one per row (G = 1).
+    """
+    n = len(row_sentence)
+    if n == 0:
+        return row_sentence
+    starts = np.flatnonzero(np.r_[True, row_sentence[1:] != row_sentence[:-1]])  # first row of each run
+    size = n // len(starts)
+    if size * len(starts) != n or not (np.diff(np.r_[starts, n]) == size).all():
+        return None
+    return row_sentence[starts]
+
+
 def top_k_rows(log_probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Each row's ``k`` largest entries of ``log_probs`` (N, V), best first, equal values in index order."""
     k = min(k, log_probs.shape[1])

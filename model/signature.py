@@ -5,10 +5,12 @@ Torch-free, so the service can check the graphs it loads against the same declar
 encoder.onnx  src_ids (batch, src_len) int64, src_pad_mask (batch, src_len) bool (True = padding)
               → cross_key_{i}, cross_value_{i} (batch, heads, src_len, head_dim) for each decoder layer i
 decoder.onnx  one step: tokens (rows, 1) int64, positions (rows, 1) int64 (each row's decoding position),
-              top_k (k,) int64 (only its length counts: candidates per row), src_pad_mask (rows, src_len) bool,
-              self_pad_mask (rows, past_len) bool (True = a cache slot the row must not see),
+              top_k (k,) int64 (only its length counts: candidates per row), src_pad_mask (sentences,
+              src_len) bool, self_pad_mask (rows, past_len) bool (True = a cache slot the row must not see),
               past_key_{i}/past_value_{i} (rows, heads, past_len, head_dim) (already in the rows' order),
-              cross_key_{i}/cross_value_{i} (rows, heads, src_len, head_dim)
+              cross_key_{i}/cross_value_{i} (sentences, heads, src_len, head_dim): rows = sentences x G, the
+              rows in blocks of G per sentence (a static beam search feeds one cross K/V per sentence for
+              its beams; rows of different sentences mixed freely feed one per row, G = 1)
               → scores (rows, k) float32 and ids (rows, k) int64 (each row's k best log-probs, best first),
               eos_log_probs (rows,) float32, cross_attn (rows, src_len) float32 (the alignment layer, head
               mean), present_key_{i}/present_value_{i} (rows, heads, past_len + 1, head_dim)
@@ -97,10 +99,10 @@ def decoder_signature(cfg: ModelConfig) -> GraphSignature:
             TensorSpec("tokens", "int64", ("rows", 1)),
             TensorSpec("positions", "int64", ("rows", 1)),
             TensorSpec("top_k", "int64", ("k",)),
-            TensorSpec("src_pad_mask", "bool", ("rows", "src_len")),
+            TensorSpec("src_pad_mask", "bool", ("sentences", "src_len")),
             TensorSpec("self_pad_mask", "bool", ("rows", "past_len")),
             *_kv_specs("past", cfg, "rows", "past_len"),
-            *_kv_specs("cross", cfg, "rows", "src_len"),
+            *_kv_specs("cross", cfg, "sentences", "src_len"),
         ),
         outputs=(
             TensorSpec("scores", "float32", ("rows", "k")),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from model.search import StepOutput, is_identity
+from model.search import StepOutput, is_identity, sentence_blocks
 from model.transformer import Transformer, best_candidates, reorder_cache
 
 
@@ -14,7 +14,8 @@ class TorchStepFunction:
 
     ``reorder`` (from the search) says which previous row each new row continues: the cache is gathered
     with it unless it is the identity, and the cross-attention K/V only when the rows' sentences change
-    (expansion or pruning). Returns each row's ``k`` best candidates, as the ONNX step graph does.
+    (expansion or pruning): one per sentence when its rows come in equal blocks, as the ONNX step function
+    feeds them. Returns each row's ``k`` best candidates, as the ONNX step graph does.
     """
 
     def __init__(self, model: Transformer, src_ids: np.ndarray, src_pad_mask: np.ndarray) -> None:
@@ -36,7 +37,8 @@ class TorchStepFunction:
             self.cache = reorder_cache(self.cache, index)
             row_sentence = self.row_sentence[reorder]
             if not np.array_equal(row_sentence, self.row_sentence):
-                sentence_index = torch.from_numpy(row_sentence).to(self.device)
+                fed = sentence_blocks(row_sentence)  # one cross K/V per sentence for beams side by side
+                sentence_index = torch.from_numpy(row_sentence if fed is None else fed).to(self.device)
                 self.cross = reorder_cache(self.base_cross, sentence_index)
                 self.mask = self.base_mask.index_select(0, sentence_index)
                 self.row_sentence = row_sentence

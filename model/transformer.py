@@ -94,8 +94,19 @@ class MultiHeadAttention(nn.Module):
         return self.out_proj(context), weights
 
     def forward(self, query: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """query (N, T, D) attends to projected k/v (N, H, S, Dh) → (N, T, D), weights (N, H, T, S)."""
-        return self.attend(self.split_heads(self.q_proj(query)), k, v, mask)
+        """query (N, T, D) attends to projected k/v (B, H, S, Dh) of B sentences, N = B x G: rows b*G .. b*G+G-1
+        read sentence b (the beams of a sentence share its cross-attention K/V; G = 1: one each) → (N, T, D),
+        weights (N, H, T, S). ``mask`` broadcasts to (B, H, G*T, S).
+
+        A sentence's G rows become one query block, so its scores are one (G*T, Dh) x (Dh, S) product per head
+        that reads the K/V once, where a copy per beam made G products over G copies."""
+        n, t, d = query.shape
+        b, h, dh = k.shape[0], self.n_heads, self.head_dim
+        q = self.q_proj(query).reshape(b, -1, t, h, dh)  # (B, G, T, H, Dh)
+        q = q.permute(0, 3, 1, 2, 4).reshape(b, h, -1, dh)  # (B, H, G*T, Dh)
+        context, weights = self.attend(q, k, v, mask)  # (B, G*T, D), (B, H, G*T, S)
+        weights = weights.reshape(b, h, -1, t, weights.shape[-1]).transpose(1, 2)  # (B, G, H, T, S)
+        return context.reshape(n, t, d), weights.reshape(n, h, t, weights.shape[-1])
 
 
 class FeedForward(nn.Module):
@@ -156,7 +167,8 @@ class DecoderLayer(nn.Module):
     def forward(
         self, x: Tensor, past: KV, cross: KV, self_mask: Tensor, cross_mask: Tensor
     ) -> tuple[Tensor, KV, Tensor]:
-        """x (N, T, D); past K/V (N, H, P, Dh) → x, present K/V (N, H, P+T, Dh), cross weights (N, H, T, S)."""
+        """x (N, T, D); past K/V (N, H, P, Dh); cross K/V (B, H, S, Dh) of the rows' B sentences (N = B x G, in
+        blocks of G rows per sentence) → x, present K/V (N, H, P+T, Dh), cross weights (N, H, T, S)."""
         q, k_new, v_new = self.self_attn.project_qkv(self.self_attn_sub.inp(x))
         k = torch.cat([past[0], k_new], dim=2)  # (N, H, P+T, Dh)
         v = torch.cat([past[1], v_new], dim=2)
@@ -246,6 +258,8 @@ class Transformer(nn.Module):
         positions: (T,) absolute positions of ``tokens`` (P .. P+T-1), or (N, T), one row each, for rows at
         different decoding positions. ``self_pad_mask`` (N, P+T), True at cache slots a row must not attend
         to (a padded cache shared by rows of different lengths); None: every slot is the row's own.
+        ``memory_or_cross_kv`` and ``src_pad_mask`` (B, S) may hold one entry per sentence for N = B x G rows
+        that come in blocks of G per sentence (beams sharing their sentence's cross-attention K/V).
         Returns log-probs (N, T, V), the new cache (past length P+T) and the alignment layer's
         cross-attention averaged over heads (N, T, S).
         """
@@ -272,7 +286,7 @@ class Transformer(nn.Module):
         self_mask = key_pos[None, :] > query_pos[:, None]  # (T, P+T), True = future
         if self_pad_mask is not None:
             self_mask = self_mask[None, None] | self_pad_mask[:, None, None, :]  # (N, 1, T, P+T)
-        cross_mask = src_pad_mask[:, None, None, :]  # (N, 1, 1, S)
+        cross_mask = src_pad_mask[:, None, None, :]  # (B, 1, 1, S): per sentence, as the cross K/V
         x = self.embed_tokens(tokens, positions, target=True)
         new_cache: list[KV] = []
         alignment = None

@@ -31,7 +31,7 @@ def test_decoder_axes_are_symbolic_and_there_is_no_control_flow(exported_model_d
     assert inputs["past_key_0"] == ["rows", heads, "past_len", head_dim]
     assert inputs["self_pad_mask"] == ["rows", "past_len"]
     assert inputs["positions"] == ["rows", 1]
-    assert inputs["cross_value_1"] == ["rows", heads, "src_len", head_dim]
+    assert inputs["cross_value_1"] == ["sentences", heads, "src_len", head_dim]  # shared by the beams
     assert outputs["present_value_1"] == ["rows", heads, "past_len + 1", head_dim]
     assert outputs["scores"] == outputs["ids"] == ["rows", "k"]  # candidates, not the vocabulary-wide table
     assert config.vocab_size not in [d for value in outputs.values() for d in value]

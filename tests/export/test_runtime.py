@@ -28,6 +28,27 @@ def test_io_binding_step_function_equals_the_host_one(exported_model_dir: Path) 
     assert parity.max_abs_diff == 0.0
 
 
+def test_a_graph_from_an_older_export_says_to_re_export(exported_model_dir: Path, tmp_path: Path) -> None:
+    """Same input names, but the cross K/V and source mask per row (the graph before they went per sentence)."""
+    import onnx
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(exported_model_dir, model_dir)
+    path = model_dir / "onnx" / "decoder.onnx"
+    graph = onnx.load(str(path))
+    for value in graph.graph.input:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param == "sentences":
+                dim.dim_param = "rows"
+    onnx.save(graph, str(path))
+    with pytest.raises(
+        OrtModelError,
+        match=r"decoder\.onnx is from an older export: its input src_pad_mask has axes "
+        r"\['rows', 'src_len'\], this version declares \['sentences', 'src_len'\]: re-export",
+    ):
+        OrtModel.load(model_dir, "fp32")
+
+
 def test_a_missing_variant_says_how_to_export_it(exported_model_dir: Path, tmp_path: Path) -> None:
     model_dir = tmp_path / "model"
     shutil.copytree(exported_model_dir, model_dir, ignore=shutil.ignore_patterns("*.int8.onnx"))

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from model.decoding import DecodingOptions
-from model.search import FullTableStep, Hypothesis, StepOutput, top_k_rows
+from model.search import FullTableStep, Hypothesis, StepOutput, sentence_blocks, top_k_rows
 from model.search import beam_search as candidate_beam_search
 from model.search import greedy_search as candidate_greedy_search
 
@@ -527,3 +527,15 @@ def test_top_k_rows_is_best_first_with_ties_in_id_order() -> None:
     assert ids.tolist() == [[4, 1, 2], [0, 1, 2]]
     assert scores.tolist() == [[np.float32(-0.1), -0.5, -0.5], [-2.0, -2.0, -2.0]]
     assert top_k_rows(log_probs, 9)[1].shape == (2, 5)  # k above V: the whole row
+
+
+def test_sentence_blocks_are_equal_runs_of_one_sentence_each():
+    blocks = sentence_blocks
+    assert blocks(np.array([0, 0, 0, 0, 1, 1, 1, 1])).tolist() == [0, 1]  # beam 4: one cross K/V per sentence
+    assert blocks(np.array([2, 2, 0, 0, 5, 5])).tolist() == [2, 0, 5]  # any sentence order
+    assert blocks(np.array([0, 1, 2])).tolist() == [0, 1, 2]  # first step: one row each
+    assert blocks(np.array([0, 0, 1, 1, 1, 1])) is None  # unequal blocks (continuous batching): per row
+    assert blocks(np.array([0, 1, 0, 1])).tolist() == [0, 1, 0, 1]  # rows apart: blocks of one, one entry per row
+    assert blocks(np.array([0, 0, 1, 1, 0, 0])).tolist() == [0, 1, 0]  # a sentence twice: its entry twice
+    assert blocks(np.array([3, 3, 3])).tolist() == [3]
+    assert blocks(np.array([], dtype=np.int64)).tolist() == []
