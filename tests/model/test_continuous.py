@@ -7,6 +7,7 @@ rows at different positions sharing every call through the padded, masked self-a
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -158,3 +159,45 @@ def test_cancelled_sentences_leave_at_once_and_the_others_decode_as_if_alone(
         for g, a in zip(got, alone, strict=True):
             if a.attention is not None:
                 np.testing.assert_allclose(g.attention, a.attention, atol=1e-5)
+
+
+def test_beams_share_their_sentences_cross_kv_when_the_rows_come_in_blocks(
+    ort_model: OrtModel, sources: list[list[int]]
+) -> None:
+    """Every sentence at beam 4: after the first step the rows come in blocks of 4, so the calls feed one cross
+    K/V entry per sentence (rows = 4 x entries); newcomers' first rows make a call feed one per row."""
+    fed: list[tuple[int, int]] = []  # (rows, cross entries) of each call
+
+    class Recording:
+        def __init__(self, session) -> None:
+            self.session = session
+
+        def run(self, names, feeds):
+            fed.append((feeds["tokens"].shape[0], feeds["cross_key_0"].shape[0]))
+            assert feeds["src_pad_mask"].shape[0] == feeds["cross_key_0"].shape[0]
+            return self.session.run(names, feeds)
+
+    step = OrtRowStep(ort_model)
+    step.model = copy.copy(ort_model)
+    step.model.decoder = Recording(ort_model.decoder)
+    batch = ContinuousBatch(step, ort_model.config)
+    options = DecodingOptions(beam_size=4)
+    chosen = sources[:12]
+    results = {}
+    for i in range(6):
+        batch.admit(i, chosen[i], options)
+    calls = 0
+    while not batch.idle:
+        if calls == 3:  # newcomers join a running batch
+            for i in range(6, 12):
+                batch.admit(i, chosen[i], options)
+        results.update(batch.step())
+        calls += 1
+    shared = [(rows, entries) for rows, entries in fed if entries < rows]
+    assert len(shared) >= len(fed) // 2 and all(rows == 4 * entries for rows, entries in shared)
+    assert fed[0] == (6, 6)  # one BOS row per sentence: blocks of one
+    assert fed[3][0] == fed[3][1] > 6 + 6  # newcomers' first rows among beams: one entry per row
+    for i, src in enumerate(chosen):
+        alone = decode_alone(ort_model, src, options)
+        assert [h.tokens for h in results[i]] == [h.tokens for h in alone]
+        np.testing.assert_allclose([h.score for h in results[i]], [h.score for h in alone], rtol=1e-5, atol=1e-5)
