@@ -35,7 +35,9 @@ class _Recording(OrtStepFunction):
 
     def _run(self, feeds: dict[str, np.ndarray]) -> StepOutput:
         out = super()._run(feeds)  # adds the past and cross K/V to feeds
-        self.feeds["decoder"].append(dict(feeds))
+        # Copies: the past and cross K/V live in the step function's reused gather buffers, which later steps
+        # overwrite, and onnxruntime reads the recorded feeds only after the whole decode.
+        self.feeds["decoder"].append({name: np.array(value, copy=True) for name, value in feeds.items()})
         return out
 
 

@@ -135,7 +135,10 @@ class OrtRowStep:
         if np.array_equal(ids, self.sentences):
             return np.arange(len(ids))
         sorter = np.argsort(self.sentences)
-        return sorter[np.searchsorted(self.sentences, ids, sorter=sorter)]
+        index = sorter[np.searchsorted(self.sentences, ids, sorter=sorter).clip(max=len(sorter) - 1)]
+        if len(ids) and not np.array_equal(self.sentences[index], ids):  # a row of a sentence with no entry
+            raise RuntimeError(f"rows of sentences {sorted(set(ids) - set(self.sentences))} have no cross K/V")
+        return index
 
     def _cross_feed(self) -> tuple[list[np.ndarray], np.ndarray]:
         """The cross K/V and source mask to feed: one per sentence when the rows' blocks are the entries, in

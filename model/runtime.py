@@ -84,7 +84,9 @@ def _check_signature(session: ort.InferenceSession, signature: GraphSignature, p
         # per sentence) has the same names but would be fed shapes it cannot take.
         axes = list(value.shape)
         if len(axes) != len(spec.axes) or any(
-            isinstance(got, str) and got != want for got, want in zip(axes, spec.axes, strict=True)
+            (isinstance(got, str) or isinstance(want, str)) and got != want  # a name, or a number fixed for one
+            for got, want in zip(axes, spec.axes, strict=True)
+            if got is not None
         ):
             raise OrtModelError(
                 f"{path} is from an older export: its input {spec.name} has axes {axes}, this version "

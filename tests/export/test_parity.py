@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from export.calibrate import calibration_feeds
 from export.validate import PARITY_SHAPES, TOLERANCES, compare_translations, step_parity
 from model.decode import translate_ids
 from model.decoding import DecodingOptions
@@ -109,3 +110,15 @@ def test_auto_serves_int8_on_cpu_only_within_the_default_paths_loss(exported_mod
     assert resolve_variant(manifest, "auto", "cuda") == "fp16"
     manifest["variants"]["fp16"]["recommended"] = False
     assert resolve_variant(manifest, "auto", "cuda") == "fp32"
+
+
+def test_int8_calibration_records_each_step_as_it_was_fed(exported_model_dir: Path, copy_sources: list[str]) -> None:
+    """The recorded decoder feeds are snapshots: none shares memory with another (the step function's gather
+    buffers are reused from step to step, and calibration reads the feeds only after the decode)."""
+    model = OrtModel.load(exported_model_dir, "fp32")
+    tokenizer = Tokenizer(exported_model_dir / "spm.model")
+    feeds = calibration_feeds(model, tokenizer.encode_batch(copy_sources[:16]), DecodingOptions(beam_size=4))
+    arrays = [value for record in feeds["decoder"] for value in record.values() if value.size]
+    assert len(feeds["decoder"]) > 10
+    shared = sum(np.may_share_memory(a, b) for i, a in enumerate(arrays) for b in arrays[i + 1 :])
+    assert shared == 0
