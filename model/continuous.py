@@ -117,7 +117,7 @@ class OrtRowStep:
         if unseen:
             self.self_mask = self.self_mask[:, unseen:]
         if unseen or not identity:
-            self.past = [self.rows(("past", i), kv[:, :, unseen:], reorder) for i, kv in enumerate(self.past)]
+            self.past = self.rows.many("past", [kv[:, :, unseen:] for kv in self.past], reorder)
         order = sentence_blocks(self.row_sentence)
         if order is None or len(np.unique(order)) < len(order):  # no equal blocks: the live ones, first-row order
             _, first = np.unique(self.row_sentence, return_index=True)
@@ -126,7 +126,7 @@ class OrtRowStep:
         used = (~self.src_mask[index]).any(axis=0)  # (S,) source columns some live sentence reads
         width = int(np.flatnonzero(used)[-1]) + 1 if used.any() else 0
         if not is_identity(index, len(self.sentences)) or width < self.src_mask.shape[1]:
-            self.cross = [self.rows(("cross", i), kv[:, :, :width], index) for i, kv in enumerate(self.cross)]
+            self.cross = self.rows.many("cross", [kv[:, :, :width] for kv in self.cross], index)
             self.src_mask = self.src_mask[index, :width]
             self.sentences = order
 
@@ -148,7 +148,7 @@ class OrtRowStep:
         cached = self._per_row
         if cached is None or not np.array_equal(cached[0], self.row_sentence):
             index = self._entries(self.row_sentence)
-            cross = [self.rows(("row_cross", i), kv, index) for i, kv in enumerate(self.cross)]
+            cross = self.rows.many("row_cross", self.cross, index)
             cached = self._per_row = (self.row_sentence, cross, self.src_mask[index])
         return cached[1], cached[2]
 

@@ -29,6 +29,7 @@ is greedy decoding: the argmax path, ending as soon as the argmax is EOS.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple, Protocol
@@ -217,7 +218,7 @@ def _top_candidates(
     candidates per row to make up for them).
     """
     n_rows, width = out.ids.shape
-    row = np.repeat(np.arange(n_rows), width)
+    row = np.arange(n_rows * width) // width  # (N * width,) each candidate's row
     token = out.ids.reshape(-1)
     values = row_log_prob[row] + out.scores.reshape(-1).astype(np.float64)
     keep = np.isfinite(values) & ~(eos_banned[row] & (token == eos_id))
@@ -259,8 +260,9 @@ def _check_outputs(out: object, n_rows: int, k: int) -> StepOutput:
         raise ValueError(f"step function returned eos_log_probs of shape {eos.shape}; expected ({n_rows},)")
     if attn is not None and (attn.ndim != 2 or attn.shape[0] != n_rows):
         raise ValueError(f"step function returned cross_attn of shape {attn.shape}; expected ({n_rows}, S)")
-    if np.isnan(scores).any() or np.isnan(eos).any():
-        raise ValueError("step function returned NaN log probs")
+    # One reduction per array (a NaN, or +inf against -inf, makes the sum NaN): cheaper than isnan().any().
+    if math.isnan(float(scores.sum()) + float(eos.sum())):
+        raise ValueError("step function returned NaN (or +inf) log probs")
     return StepOutput(scores, ids, eos, attn)
 
 
@@ -457,13 +459,13 @@ def _can_stop(
             enough = np.array([live[i].n_finished for i in members]) >= config.patience_hypotheses()
             done[idx] = enough | (best[idx] == NEG_INF)
             continue
-        nth = np.array([live[i].pool[n_best - 1].score if len(live[i].pool) >= n_best else np.nan for i in members])
+        # (+inf where the pool is not full: those are not done whatever the bound, as ``full`` says)
+        nth = np.array([live[i].pool[n_best - 1].score if len(live[i].pool) >= n_best else np.inf for i in members])
         # Log probs only fall from here, and the final |Y| lies in [step + 2, max_len + 1]; lp is monotone in
         # |Y|, so the best reachable score divides by one of the two ends.
-        with np.errstate(invalid="ignore"):
-            b = best[idx]
-            bound = np.maximum(b / config.penalty(step + 2), b / config.penalty(max_lens[idx] + 1))
-            done[idx] = (b == NEG_INF) | (full & (bound <= nth))
+        b = best[idx]
+        bound = np.maximum(b / config.penalty(step + 2), b / config.penalty(max_lens[idx] + 1))
+        done[idx] = (b == NEG_INF) | (full & (bound <= nth))
     return done
 
 

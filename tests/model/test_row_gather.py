@@ -10,7 +10,7 @@ from model.runtime import RowGather
 
 def test_row_gather_equals_take_and_reuses_its_buffers() -> None:
     rng = np.random.default_rng(0)
-    gather = RowGather()
+    gather = RowGather(small=0)  # every result in the reused buffers
     cache = rng.standard_normal((6, 2, 3, 4)).astype(np.float32)
     expected = cache.copy()
     for step in range(12):
@@ -30,3 +30,25 @@ def test_row_gather_equals_take_and_reuses_its_buffers() -> None:
     # Another slot never shares buffers with this one.
     other = gather("cross", np.ones((2, 2, 3, 4), np.float32), np.array([1, 0]))
     assert not any(np.shares_memory(other, a) for a in later)
+
+
+def test_small_results_are_fresh_arrays_and_many_checks_the_index_once() -> None:
+    rng = np.random.default_rng(1)
+    gather = RowGather(small=1000)
+    small = [rng.standard_normal((4, 2, 3, 4)).astype(np.float32) for _ in range(3)]  # 96 elements each
+    large = [rng.standard_normal((4, 4, 20, 4)).astype(np.float32) for _ in range(3)]  # 1,280 each
+    index = np.array([3, 0, 0, 2])
+    for arrays in (small, large):
+        out = gather.many("past", arrays, index)
+        for got, array in zip(out, arrays, strict=True):
+            np.testing.assert_array_equal(got, np.take(array, index, axis=0))
+            assert got.flags.c_contiguous
+    # Large results gathered from their own previous ones (a beam reorder of the last step's cache) stay right.
+    again = gather.many("past", out, index)
+    for got, array in zip(again, large, strict=True):
+        np.testing.assert_array_equal(got, np.take(np.take(array, index, axis=0), index, axis=0))
+    with pytest.raises(IndexError, match="out of range for 4 rows"):
+        gather.many("past", small, np.array([0, -1]))
+    # A non-contiguous view (the continuous batch's trimmed cache) comes back contiguous.
+    view = large[0][:, :, 5:]
+    np.testing.assert_array_equal(gather("trim", view, index), np.take(view, index, axis=0))
