@@ -1,10 +1,12 @@
-"""Score a model directory on a test set (beam 4, α 0.6) and record BLEU/chrF in its model.json.
+"""Score a model directory on a test set with its decoding defaults and record BLEU/chrF in its model.json.
 
     .venv/bin/python scripts/record_eval.py models/multi30k-de-en --name test2016 \
         --src PATH/test_2016_flickr.de.gz --ref PATH/test_2016_flickr.en.gz
 
-Decodes with the torch network through the same ``model.decode`` path as training-time validation
-(the ONNX fp32 export gives the same tokens), and writes ``eval.<name>`` with both sacreBLEU signatures.
+The beam size and length penalty are model.json's ``decoding`` section (the service's defaults: beam 4,
+α 0.6 unless tuned on val by scripts/tune_decoding.py) unless given. Decodes with the torch network
+through the same ``model.decode`` path as training-time validation (the ONNX fp32 export gives the same
+tokens), and writes ``eval.<name>`` with both sacreBLEU signatures.
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ import argparse
 import gzip
 import json
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 from model.decode import score_translations, translate_ids
-from model.decoding import DecodingOptions
 from model.model_dir import MODEL_JSON, atomic_write_text
 from model.tokenizer import load_tokenizer
 from model.torch_step import TorchStepFunction
@@ -35,18 +37,26 @@ def main() -> None:
     parser.add_argument("--name", required=True, help="key under eval in model.json, e.g. test2016")
     parser.add_argument("--src", type=Path, required=True)
     parser.add_argument("--ref", type=Path, required=True)
-    parser.add_argument("--beam-size", type=int, default=4)
-    parser.add_argument("--length-penalty", type=float, default=0.6)
+    parser.add_argument("--beam-size", type=int, help="default: model.json's decoding.beam_size")
+    parser.add_argument("--length-penalty", type=float, help="default: model.json's decoding.length_penalty")
     args = parser.parse_args()
     model, info = load_model(args.model_dir)
     tokenizer = load_tokenizer(info)
     sources, refs = read(args.src), read(args.ref)
-    search = DecodingOptions(beam_size=args.beam_size, length_penalty=args.length_penalty)
+    search = replace(
+        info.decoding,
+        beam_size=info.decoding.beam_size if args.beam_size is None else args.beam_size,
+        length_penalty=info.decoding.length_penalty if args.length_penalty is None else args.length_penalty,
+    )
     started = time.perf_counter()
     ids = translate_ids(partial(TorchStepFunction, model), tokenizer.encode_batch(sources), info.config, search, 64)
     result = score_translations(tokenizer.decode_batch(ids), refs, info.target_lang)
     result.update(sentences=len(sources), source=args.src.name, reference=args.ref.name)
-    result["decoding"] = {"beam_size": args.beam_size, "length_penalty": args.length_penalty, "max_length_offset": 50}
+    result["decoding"] = {
+        "beam_size": search.beam_size,
+        "length_penalty": search.length_penalty,
+        "max_length_offset": search.max_length_offset,
+    }
     meta_path = args.model_dir / MODEL_JSON
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     meta.setdefault("eval", {})[args.name] = result
