@@ -32,7 +32,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--fp16", action="store_true", help="also write the fp16 variant (GPU)")
     parser.add_argument("--force", action="store_true", help="replace an existing MODEL_DIR/onnx/")
     parser.add_argument(
-        "--valid-src", type=Path, help="validation sources (one sentence per line; .gz read too) for BLEU"
+        "--valid-src",
+        type=Path,
+        help="validation sources (one sentence per line; .gz read too) for BLEU, decoded with model.json's defaults",
     )
     parser.add_argument(
         "--valid-ref", type=Path, help="validation references, line-aligned with --valid-src (.gz read too)"

@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from export.validate import (
 )
 from model.config import ModelConfig
 from model.decode import score_translations, translate_ids
-from model.decoding import PAPER, DecodingOptions
+from model.decoding import DecodingOptions
 from model.manifest import STATIC_SCALES
 from model.model_dir import ModelDirError, read_model_dir
 from model.runtime import OrtModel
@@ -80,7 +80,7 @@ class ExportRequest:
     max_sentences: int | None = None  # cap on validation sentences (all when None)
     random_sentences: int = 64  # beam-parity sources when no validation set is given
     batch_size: int = 32
-    search: DecodingOptions = PAPER
+    search: DecodingOptions | None = None  # None: the model dir's decoding defaults (model.json), as served
 
 
 def _check_request(request: ExportRequest, target: Path) -> None:
@@ -150,6 +150,8 @@ def _publish(work: Path, target: Path) -> None:
 def run_export(request: ExportRequest) -> dict[str, Any]:
     """Export, validate and publish; returns the manifest written to MODEL_DIR/onnx/manifest.json."""
     info = read_model_dir(request.model_dir)
+    # Validate with the decoding the service will use (MT_VARIANT=auto compares the variants' BLEU under it).
+    request = replace(request, search=request.search or info.decoding)
     target = info.path / "onnx"
     _check_request(request, target)
     variants = ["fp32", *(v for v in ("int8", "fp16") if v in request.variants)]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -80,3 +82,23 @@ def test_a_useless_model_is_flagged_and_int8_never_recommended_for_it(exported_m
     manifest = read_manifest(exported_model_dir / "onnx")
     manifest["evaluation"]["warning"] = warning
     assert summary(manifest, exported_model_dir / "onnx").splitlines()[-1] == f"WARNING: {warning}"
+
+
+def test_validation_decodes_with_the_model_dirs_decoding_defaults(
+    trained_model_dir: Path, copy_task_dir: Path, tmp_path: Path
+) -> None:
+    """The BLEU that MT_VARIANT=auto compares is measured with the decoding the service uses: model.json's."""
+    model_dir = tmp_path / "tuned"
+    shutil.copytree(trained_model_dir, model_dir, ignore=shutil.ignore_patterns("onnx", "checkpoints", "*.png"))
+    meta = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))
+    meta["decoding"] = {"beam_size": 2, "length_penalty": 1.1, "max_length_offset": 7}
+    (model_dir / "model.json").write_text(json.dumps(meta), encoding="utf-8")
+    args = [str(model_dir), "--max-sentences", "8"]
+    assert (
+        mt_export(
+            [*args, "--valid-src", str(copy_task_dir / "test.src"), "--valid-ref", str(copy_task_dir / "test.tgt")]
+        )
+        == 0
+    )
+    search = read_manifest(model_dir / "onnx")["evaluation"]["search"]
+    assert search == {"beam_size": 2, "length_penalty": 1.1, "max_length_offset": 7}
