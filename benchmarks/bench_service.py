@@ -23,11 +23,12 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
 
-from model.decoding import DecodingOptions
+from model.decoding import PAPER
 from model.model_dir import read_model_dir
 from model.tokenizer import Tokenizer
 from service.engine import Engine, plan_batches
@@ -55,7 +56,7 @@ def percentiles(latencies: list[float]) -> tuple[float, float]:
 
 def bench_direct(args: argparse.Namespace, texts: list[str]) -> dict:
     engine = Engine.load(args.model, device=args.device, variant=args.variant, threads=args.threads)
-    options = DecodingOptions(beam_size=args.beam_size)
+    options = replace(PAPER, beam_size=args.beam_size)
     engine.translate(texts[:8], options)  # warm-up
     sources = engine.encode(texts)
     outputs, latencies = [""] * len(texts), []
@@ -80,7 +81,9 @@ async def _clients(url: str, texts: list[str], concurrency: int, beam_size: int)
         async def worker() -> None:
             for i in todo:
                 t0 = time.perf_counter()
-                response = await client.post("/v1/translate", json={"text": texts[i], "beam_size": beam_size})
+                # The direct engine's options: the given beam, the paper's alpha (a model's own default may differ).
+                payload = {"text": texts[i], "beam_size": beam_size, "length_penalty": PAPER.length_penalty}
+                response = await client.post("/v1/translate", json=payload)
                 response.raise_for_status()
                 latencies.append(time.perf_counter() - t0)
                 outputs[i] = response.json()["translations"][0]["text"]
