@@ -196,21 +196,19 @@ class RowGather:
         self._buffers: dict[object, list[np.ndarray]] = {}
 
     def __call__(self, slot: object, array: np.ndarray, index: np.ndarray) -> np.ndarray:
-        return self.many(slot, [array], index)[0]
+        _check_rows(index, array.shape[0])
+        return self._take(slot, array, index)
 
     def many(self, name: object, arrays: Sequence[np.ndarray], index: np.ndarray) -> list[np.ndarray]:
-        """The rows ``index`` of each array; array i uses slot ``(name, i)`` (``name`` itself for one array)."""
-        n_rows = min((a.shape[0] for a in arrays), default=0)
-        if index.size and (index.min() < 0 or index.max() >= n_rows):  # "clip" below would hide it
-            raise IndexError(f"row index out of range for {n_rows} rows: {index.min()}..{index.max()}")
-        slots = [name] if len(arrays) == 1 else [(name, i) for i in range(len(arrays))]
-        return [self._take(slot, array, index) for slot, array in zip(slots, arrays, strict=True)]
+        """The rows ``index`` of each array (array i in slot ``(name, i)``), the index checked once for all."""
+        _check_rows(index, min((a.shape[0] for a in arrays), default=0))
+        return [self._take((name, i), array, index) for i, array in enumerate(arrays)]
 
     def _take(self, slot: object, array: np.ndarray, index: np.ndarray) -> np.ndarray:
         shape = (index.size, *array.shape[1:])
         size = math.prod(shape)
         if size < self.small:
-            return np.take(array, index, axis=0, mode="clip")  # the range was checked in many()
+            return np.take(array, index, axis=0, mode="clip")  # the range was checked by the caller
         pool = self._buffers.setdefault(slot, [])
         free = [b for b in pool if b.dtype == array.dtype and not np.may_share_memory(b, array)]
         buffer = next((b for b in free if b.size >= size), None)
@@ -220,6 +218,11 @@ class RowGather:
         out = buffer[:size].reshape(shape)
         # mode="clip" lets numpy write straight into `out` ("raise" would buffer); the range was checked above.
         return np.take(array, index, axis=0, out=out, mode="clip")
+
+
+def _check_rows(index: np.ndarray, n_rows: int) -> None:
+    if index.size and (index.min() < 0 or index.max() >= n_rows):  # RowGather's mode="clip" would hide it
+        raise IndexError(f"row index out of range for {n_rows} rows: {index.min()}..{index.max()}")
 
 
 class OrtStepFunction:

@@ -43,11 +43,8 @@ def main() -> None:
     model, info = load_model(args.model_dir)
     tokenizer = load_tokenizer(info)
     sources, refs = read(args.src), read(args.ref)
-    search = replace(
-        info.decoding,
-        beam_size=info.decoding.beam_size if args.beam_size is None else args.beam_size,
-        length_penalty=info.decoding.length_penalty if args.length_penalty is None else args.length_penalty,
-    )
+    given = {"beam_size": args.beam_size, "length_penalty": args.length_penalty}
+    search = replace(info.decoding, **{k: v for k, v in given.items() if v is not None})
     started = time.perf_counter()
     ids = translate_ids(partial(TorchStepFunction, model), tokenizer.encode_batch(sources), info.config, search, 64)
     result = score_translations(tokenizer.decode_batch(ids), refs, info.target_lang)
