@@ -42,7 +42,7 @@ from training.distributed import DistInfo, all_reduce_sum, barrier, init_distrib
 from training.evaluate import translate_texts, validation_loss
 from training.loss import label_smoothed_nll_loss, r_drop_kl
 from training.metrics import MetricsLog
-from training.schedule import noam_lr
+from training.schedule import cooldown_factor, noam_lr
 from training.spm import train_spm
 from training.subword import sample_dataset
 
@@ -282,7 +282,9 @@ class Trainer:
     def train_step(self, group: list[np.ndarray]) -> tuple[float, int]:
         """One optimizer step over ``group`` (gradient accumulation); returns (loss sum, target tokens)."""
         cfg = self.cfg.train
-        lr = noam_lr(self.progress.step + 1, self.model_config.d_model, cfg.warmup_steps, cfg.lr_scale)
+        step = self.progress.step + 1
+        lr = noam_lr(step, self.model_config.d_model, cfg.warmup_steps, cfg.lr_scale)
+        lr *= cooldown_factor(step, cfg.max_steps, cfg.cooldown_steps)
         for param_group in self.optimizer.param_groups:
             param_group["lr"] = lr
         dataset = self.epoch_dataset(self.progress.epoch)

@@ -22,7 +22,7 @@ from training.checkpoint import average_state_dicts, load_checkpoint, save_check
 from training.cli import main as mt_train
 from training.evaluate import translate_texts
 from training.loss import label_smoothed_nll_loss, r_drop_kl
-from training.schedule import noam_lr
+from training.schedule import cooldown_factor, noam_lr
 
 CONFIG = str(Path(__file__).parents[2] / "training" / "configs" / "multi30k_de_en.yaml")
 
@@ -231,6 +231,27 @@ def test_noam_schedule_peaks_at_warmup() -> None:
     assert max(range(len(lrs)), key=lrs.__getitem__) + 1 == 4000
     assert noam_lr(4000, 512, 4000) == pytest.approx(512**-0.5 * 4000**-0.5)
     assert noam_lr(16000, 512, 4000, scale=2.0) == pytest.approx(2 * 512**-0.5 * 16000**-0.5)
+
+
+def test_cooldown_scales_the_last_steps_down_linearly() -> None:
+    assert [cooldown_factor(s, 20, 0) for s in (1, 20)] == [1.0, 1.0]
+    factors = [cooldown_factor(s, 20, 4) for s in range(1, 21)]
+    assert factors == [1.0] * 16 + [1.0, 0.75, 0.5, 0.25]
+
+
+def test_a_run_with_cooldown_logs_the_scaled_rate(toy_dir: Path, tmp_path: Path) -> None:
+    """The trainer applies the cooldown: the logged rate is the paper's times the linear factor, and equals
+    the paper's before the cooldown starts."""
+    out = tmp_path / "run"
+    assert mt_train(toy_args(toy_dir, out, "train.max_steps=20", "train.cooldown_steps=10")) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r["lr"] for r in records if r["kind"] == "train"}
+    assert sorted(logged) == [5, 10, 15, 20]
+    d_model = json.loads((out / "model.json").read_text())["model"]["d_model"]
+    scale = logged[5] / noam_lr(5, d_model, 10)  # the config's lr_scale: no cooldown yet at step 5
+    assert logged[10] == pytest.approx(scale * noam_lr(10, d_model, 10))
+    assert logged[15] == pytest.approx(scale * noam_lr(15, d_model, 10) * 0.6)  # (20 - 15 + 1) / 10
+    assert logged[20] == pytest.approx(scale * noam_lr(20, d_model, 10) * 0.1)
 
 
 def test_ddp_two_ranks_equal_one_process_with_accumulation_two(toy_dir: Path, tmp_path: Path) -> None:
