@@ -9,13 +9,16 @@
 
 Tokens are target subword tokens of the output (EOS included), counted the same way for every row. The
 clients run in this process on the same machine as the server, so on a small CPU box they take cycles
-from it; the goal is 32-client throughput ≥ 0.9x the direct engine's.
+from it: the CPU columns say how many (CPU seconds of this process, the clients, and of the server
+process, from /proc; for the direct row, the engine's). The goal is 32-client throughput ≥ 0.9x the
+direct engine's.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
 import os
 import random
 import socket
@@ -37,7 +40,9 @@ from service.engine import Engine, plan_batches
 def sentences(args: argparse.Namespace, tokenizer: Tokenizer) -> list[str]:
     """N sentences from --src (cycled), or made of random word pieces of the model's vocabulary."""
     if args.src:
-        lines = [line.strip() for line in args.src.read_text(encoding="utf-8").splitlines() if line.strip()]
+        data = args.src.read_bytes()
+        text = (gzip.decompress(data) if args.src.suffix == ".gz" else data).decode("utf-8")
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
         return [lines[i % len(lines)] for i in range(args.n)]
     words = [p.lstrip("\u2581") for p in tokenizer.pieces(list(range(4, tokenizer.vocab_size)))]
     words = [w for w in words if w.isalnum()] or ["a"]
@@ -54,21 +59,33 @@ def percentiles(latencies: list[float]) -> tuple[float, float]:
     return statistics.median(ordered) * 1e3, ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))] * 1e3
 
 
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` so far (Linux /proc; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+
+
 def bench_direct(args: argparse.Namespace, texts: list[str]) -> dict:
     engine = Engine.load(args.model, device=args.device, variant=args.variant, threads=args.threads)
     options = replace(PAPER, beam_size=args.beam_size)
     engine.translate(texts[:8], options)  # warm-up
     sources = engine.encode(texts)
     outputs, latencies = [""] * len(texts), []
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for batch in plan_batches([len(s) for s in sources], args.beam_size, args.max_batch_tokens):
         t0 = time.perf_counter()
         results = engine.translate_batch([sources[i] for i in batch], options)
         latencies.append(time.perf_counter() - t0)
         for i, result in zip(batch, results, strict=True):
             outputs[i] = result.candidates[0].text
-    elapsed = time.perf_counter() - started
-    return {"mode": "direct engine", "clients": "-", "seconds": elapsed, "outputs": outputs, "latencies": latencies}
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    return {
+        "mode": "direct engine", "clients": "-", "seconds": elapsed, "outputs": outputs, "latencies": latencies,
+        "client_cpu": None, "server_cpu": cpu,
+    }  # fmt: skip
 
 
 async def _clients(url: str, texts: list[str], concurrency: int, beam_size: int) -> tuple[list[str], list[float]]:
@@ -92,12 +109,15 @@ async def _clients(url: str, texts: list[str], concurrency: int, beam_size: int)
     return outputs, latencies
 
 
-def bench_http(url: str, texts: list[str], concurrency: int, beam_size: int) -> dict:
+def bench_http(url: str, server_pid: int, texts: list[str], concurrency: int, beam_size: int) -> dict:
     asyncio.run(_clients(url, texts[: 2 * concurrency], concurrency, beam_size))  # warm-up
-    started = time.perf_counter()
+    started, cpu, server = time.perf_counter(), time.process_time(), process_cpu_s(server_pid)
     outputs, latencies = asyncio.run(_clients(url, texts, concurrency, beam_size))
-    elapsed = time.perf_counter() - started
-    return {"mode": "http", "clients": concurrency, "seconds": elapsed, "outputs": outputs, "latencies": latencies}
+    elapsed, cpu, server_after = time.perf_counter() - started, time.process_time() - cpu, process_cpu_s(server_pid)
+    return {
+        "mode": "http", "clients": concurrency, "seconds": elapsed, "outputs": outputs, "latencies": latencies,
+        "client_cpu": cpu, "server_cpu": None if server is None else server_after - server,
+    }  # fmt: skip
 
 
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
@@ -128,10 +148,14 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     raise SystemExit(f"mt-serve did not become ready (exit code {process.poll()})")
 
 
+def cpu_s(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="model directory with onnx/ (run mt-export first)")
-    parser.add_argument("--src", type=Path, help="source sentences, one per line (default: generated)")
+    parser.add_argument("--src", type=Path, help="source sentences, one per line, plain or .gz (default: generated)")
     parser.add_argument("-n", type=int, default=1000, help="sentences (default 1000)")
     parser.add_argument("--clients", default="1,8,32", help="concurrent HTTP clients to try (default 1,8,32)")
     parser.add_argument("--beam-size", type=int, default=4)
@@ -148,13 +172,16 @@ def main() -> None:
     process, url = start_server(args)
     try:
         for concurrency in (int(c) for c in args.clients.split(",")):
-            rows.append(bench_http(url, texts, concurrency, args.beam_size))
+            rows.append(bench_http(url, process.pid, texts, concurrency, args.beam_size))
     finally:
         process.terminate()
         process.wait(60)
 
     print(f"{len(texts)} sentences, beam {args.beam_size}, model {args.model}, {os.cpu_count()} CPUs")
-    print(f"{'mode':14} {'clients':>7} {'seconds':>8} {'sent/s':>8} {'tokens/s':>9} {'p50 ms':>8} {'p95 ms':>8}  same")
+    print(
+        f"{'mode':14} {'clients':>7} {'seconds':>8} {'sent/s':>8} {'tokens/s':>9} {'p50 ms':>8} {'p95 ms':>8}  "
+        f"{'same':>9} {'server cpu s':>12} {'client cpu s':>12}"
+    )
     reference = rows[0]["outputs"]
     for row in rows:
         tokens = count_tokens(tokenizer, row["outputs"])
@@ -163,7 +190,8 @@ def main() -> None:
         same = sum(a == b for a, b in zip(row["outputs"], reference, strict=True))
         print(
             f"{row['mode']:14} {row['clients']!s:>7} {row['seconds']:>8.2f} {len(texts) / row['seconds']:>8.1f} "
-            f"{row['tokens_per_s']:>9.0f} {p50:>8.1f} {p95:>8.1f}  {same}/{len(texts)}"
+            f"{row['tokens_per_s']:>9.0f} {p50:>8.1f} {p95:>8.1f}  {f'{same}/{len(texts)}':>9} "
+            f"{cpu_s(row['server_cpu']):>12} {cpu_s(row['client_cpu']):>12}"
         )
     top = max(rows[1:], key=lambda r: r["clients"])
     ratio = top["tokens_per_s"] / rows[0]["tokens_per_s"]
