@@ -111,7 +111,7 @@ class OptimConfig(_Section):
     accum_steps: Positive = 1
     lr_scale: float = Field(1.0, gt=0.0)  # lr = lr_scale * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)
     warmup_steps: Positive = 4000
-    cooldown_steps: Int = Field(0, ge=0)  # last steps over which the lr falls linearly to ~0 (0 = off)
+    cooldown: Fraction = 0.0  # last fraction of max_steps over which the lr falls linearly to ~0 (0 = off)
     label_smoothing: Fraction = 0.1
     r_drop_alpha: float = Field(0.0, ge=0.0)  # R-Drop: weight of the KL between two dropout passes (0 = off)
     clip_norm: float = Field(0.0, ge=0.0)  # 0 = off
@@ -339,11 +339,6 @@ def _cross_checks(config: TrainConfig) -> list[str]:
         out.append(
             f"tokenizer.sampling_alpha needs model_type unigram (it samples unigram segmentations), not "
             f"{tokenizer.model_type!r}; set sampling_alpha to 0 or model_type to unigram"
-        )
-    if optim.cooldown_steps > optim.max_steps:
-        out.append(
-            f"train.cooldown_steps ({optim.cooldown_steps}) exceeds train.max_steps ({optim.max_steps}); "
-            "make it at most max_steps (e.g. the last 20% of the run)"
         )
     if not math.isfinite(optim.lr_scale):
         out.append(f"train.lr_scale must be a finite number, got {optim.lr_scale!r}")

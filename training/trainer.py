@@ -284,7 +284,7 @@ class Trainer:
         cfg = self.cfg.train
         step = self.progress.step + 1
         lr = noam_lr(step, self.model_config.d_model, cfg.warmup_steps, cfg.lr_scale)
-        lr *= cooldown_factor(step, cfg.max_steps, cfg.cooldown_steps)
+        lr *= cooldown_factor(step, cfg.max_steps, cfg.cooldown)
         for param_group in self.optimizer.param_groups:
             param_group["lr"] = lr
         dataset = self.epoch_dataset(self.progress.epoch)

@@ -36,7 +36,7 @@ def base_sets(tmp_path: Path) -> list[str]:
         (["model.dropout=1.5"], "dropout must be in [0, 1)"),
         (["train.label_smoothing=1"], "train.label_smoothing must be in [0, 1)"),
         (["train.average_last=9"], "train.average_last (9) exceeds train.keep_last (5)"),
-        (["train.cooldown_steps=30000"], "train.cooldown_steps (30000) exceeds train.max_steps (20000)"),
+        (["train.cooldown=1.5"], "train.cooldown must be in [0, 1)"),
         (["tokenizer.model=/no/spm.model"], "tokenizer.model '/no/spm.model' does not exist"),
         (["data=3"], "data must be a mapping"),
         (["seed=1", "seed.x=1"], "seed is not a section"),

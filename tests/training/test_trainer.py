@@ -234,8 +234,8 @@ def test_noam_schedule_peaks_at_warmup() -> None:
 
 
 def test_cooldown_scales_the_last_steps_down_linearly() -> None:
-    assert [cooldown_factor(s, 20, 0) for s in (1, 20)] == [1.0, 1.0]
-    factors = [cooldown_factor(s, 20, 4) for s in range(1, 21)]
+    assert [cooldown_factor(s, 20, 0.0) for s in (1, 20)] == [1.0, 1.0]
+    factors = [cooldown_factor(s, 20, 0.2) for s in range(1, 21)]  # the last 4 steps
     assert factors == [1.0] * 16 + [1.0, 0.75, 0.5, 0.25]
 
 
@@ -243,7 +243,7 @@ def test_a_run_with_cooldown_logs_the_scaled_rate(toy_dir: Path, tmp_path: Path)
     """The trainer applies the cooldown: the logged rate is the paper's times the linear factor, and equals
     the paper's before the cooldown starts."""
     out = tmp_path / "run"
-    assert mt_train(toy_args(toy_dir, out, "train.max_steps=20", "train.cooldown_steps=10")) == 0
+    assert mt_train(toy_args(toy_dir, out, "train.max_steps=20", "train.cooldown=0.5")) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     logged = {r["step"]: r["lr"] for r in records if r["kind"] == "train"}
     assert sorted(logged) == [5, 10, 15, 20]
