@@ -14,7 +14,7 @@ def cooldown_factor(step: int, max_steps: int, cooldown: float) -> float:
     """1 until the last ``cooldown`` fraction of a ``max_steps`` run (K = round(cooldown * max_steps) steps),
     then linear down to ``1 / K`` at ``max_steps`` (0 = no cooldown).
 
-    The inverse square root never gets small within a short run (2.2e-4 at the end of the bundled model's
+    The inverse square root never gets small within a short run (2.1e-4 at the end of the bundled model's
     first 12,000 steps), so its last checkpoints still move by ±0.5 val BLEU and averaging them did not help;
     a final linear decay (the "decay" of warmup-stable-decay schedules) settles them. The factor depends
     only on the step, so a run resumed with it follows the same path as one started with it.
