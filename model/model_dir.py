@@ -124,3 +124,11 @@ def write_model_json(path: str | Path, config: ModelConfig, source_lang: str, ta
     out = Path(path) / MODEL_JSON
     atomic_write_text(out, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     return out
+
+
+def record_eval(path: str | Path, name: str, result: dict[str, Any]) -> None:
+    """Set ``eval.<name>`` in a model dir's ``model.json`` to ``result``, keeping every other section."""
+    meta_path = Path(path) / MODEL_JSON
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta.setdefault("eval", {})[name] = result
+    atomic_write_text(meta_path, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")

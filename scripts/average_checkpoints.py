@@ -18,19 +18,18 @@ import argparse
 import json
 import shutil
 import sys
-from functools import partial
 from pathlib import Path
 
 import torch
 
-from model.decode import score_translations, translate_ids
-from model.model_dir import MODEL_JSON, atomic_write_text, read_model_dir
+from model.decode import score_translations
+from model.model_dir import MODEL_JSON, atomic_write_text, read_model_dir, record_eval
 from model.tokenizer import load_tokenizer
-from model.torch_step import TorchStepFunction
 from model.transformer import Transformer
 from model.weights import load_model, save_weights
 from training.checkpoint import average_state_dicts
 from training.data import read_parallel
+from training.evaluate import translate_texts
 
 
 def average_into(checkpoints: list[Path], model_dir: Path, out: Path, dtype: torch.dtype = torch.float32) -> Path:
@@ -53,16 +52,11 @@ def average_into(checkpoints: list[Path], model_dir: Path, out: Path, dtype: tor
 def score_valid(model_dir: Path, src: Path, ref: Path, split: str) -> dict:
     """BLEU/chrF of MODEL_DIR on (src, ref) with its decoding defaults, recorded as ``eval.valid``."""
     model, info = load_model(model_dir)
-    tokenizer = load_tokenizer(info)
     sources, references = read_parallel((src, ref))
-    step = partial(TorchStepFunction, model)
-    ids = translate_ids(step, tokenizer.encode_batch(sources), info.config, info.decoding, 64)
-    result = score_translations(tokenizer.decode_batch(ids), references, info.target_lang)
-    meta_path = model_dir / MODEL_JSON
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    hypotheses = translate_texts(model, load_tokenizer(info), sources, info.decoding)
+    result = score_translations(hypotheses, references, info.target_lang)
     decoding = {"beam_size": info.decoding.beam_size, "length_penalty": info.decoding.length_penalty}
-    meta.setdefault("eval", {})["valid"] = {"split": split, **decoding, **result}
-    atomic_write_text(meta_path, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    record_eval(model_dir, "valid", {"split": split, **decoding, **result})
     return result
 
 

@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 import time
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 
-from model.decode import score_translations, translate_ids
-from model.model_dir import MODEL_JSON, atomic_write_text
+from model.decode import score_translations
+from model.model_dir import record_eval
 from model.tokenizer import load_tokenizer
-from model.torch_step import TorchStepFunction
 from model.weights import load_model
+from training.evaluate import translate_texts
 
 
 def read(path: Path) -> list[str]:
@@ -46,18 +44,14 @@ def main() -> None:
     given = {"beam_size": args.beam_size, "length_penalty": args.length_penalty}
     search = replace(info.decoding, **{k: v for k, v in given.items() if v is not None})
     started = time.perf_counter()
-    ids = translate_ids(partial(TorchStepFunction, model), tokenizer.encode_batch(sources), info.config, search, 64)
-    result = score_translations(tokenizer.decode_batch(ids), refs, info.target_lang)
+    result = score_translations(translate_texts(model, tokenizer, sources, search), refs, info.target_lang)
     result.update(sentences=len(sources), source=args.src.name, reference=args.ref.name)
     result["decoding"] = {
         "beam_size": search.beam_size,
         "length_penalty": search.length_penalty,
         "max_length_offset": search.max_length_offset,
     }
-    meta_path = args.model_dir / MODEL_JSON
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    meta.setdefault("eval", {})[args.name] = result
-    atomic_write_text(meta_path, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    record_eval(args.model_dir, args.name, result)
     print(f"{args.name}: BLEU {result['bleu']} chrF {result['chrf']} ({time.perf_counter() - started:.0f}s)")
     print(f"  {result['bleu_signature']}\n  {result['chrf_signature']}")
 
