@@ -199,15 +199,20 @@ class RowGather:
         _check_rows(index, array.shape[0])
         return self._take(slot, array, index)
 
-    def many(self, name: object, arrays: Sequence[np.ndarray], index: np.ndarray) -> list[np.ndarray]:
-        """The rows ``index`` of each array (array i in slot ``(name, i)``), the index checked once for all."""
+    def many(self, name: object, arrays: Sequence[np.ndarray], index: np.ndarray, zeros: int = 0) -> list[np.ndarray]:
+        """The rows ``index`` of each array (array i in slot ``(name, i)``), the index checked once for all;
+        ``zeros`` more rows of zeros after them (room for rows that join, in the same copy)."""
         _check_rows(index, min((a.shape[0] for a in arrays), default=0))
-        return [self._take((name, i), array, index) for i, array in enumerate(arrays)]
+        return [self._take((name, i), array, index, zeros) for i, array in enumerate(arrays)]
 
-    def _take(self, slot: object, array: np.ndarray, index: np.ndarray) -> np.ndarray:
-        shape = (index.size, *array.shape[1:])
+    def _take(self, slot: object, array: np.ndarray, index: np.ndarray, zeros: int = 0) -> np.ndarray:
+        shape = (index.size + zeros, *array.shape[1:])
         size = math.prod(shape)
         if size < self.small:
+            if zeros:
+                out = np.zeros(shape, dtype=array.dtype)
+                np.take(array, index, axis=0, out=out[: index.size], mode="clip")
+                return out
             return np.take(array, index, axis=0, mode="clip")  # the range was checked by the caller
         pool = self._buffers.setdefault(slot, [])
         free = [b for b in pool if b.dtype == array.dtype and not np.may_share_memory(b, array)]
@@ -217,7 +222,9 @@ class RowGather:
             pool[:] = [b for b in pool if np.may_share_memory(b, array)][:1] + [buffer]
         out = buffer[:size].reshape(shape)
         # mode="clip" lets numpy write straight into `out` ("raise" would buffer); the range was checked above.
-        return np.take(array, index, axis=0, out=out, mode="clip")
+        np.take(array, index, axis=0, out=out[: index.size], mode="clip")
+        out[index.size :] = 0
+        return out
 
 
 def _check_rows(index: np.ndarray, n_rows: int) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from helpers import COPY_TASK, toy_pairs
 
-from model.continuous import ContinuousBatch, OrtRowStep
+from model.continuous import ContinuousBatch, OrtRowStep, length_groups
 from model.decode import search_batch
 from model.decoding import DecodingOptions
 from model.runtime import OrtModel
@@ -37,6 +37,17 @@ def sources(served_model_dir: Path, copy_task_dir: Path) -> list[list[int]]:
         *(src for src, _ in toy_pairs(150, "copy", seed=23, **COPY_TASK)),
     ]
     return tokenizer.encode_batch(lines)
+
+
+class Recording:
+    """A decoder session that keeps the feeds of every call."""
+
+    def __init__(self, session, fed: list[dict]) -> None:
+        self.session, self.fed = session, fed
+
+    def run(self, names, feeds):
+        self.fed.append(dict(feeds))
+        return self.session.run(names, feeds)
 
 
 def decode_alone(model: OrtModel, src: list[int], options: DecodingOptions) -> list[Hypothesis]:
@@ -114,7 +125,13 @@ def test_a_retired_sentence_frees_its_rows_and_cache(ort_model: OrtModel, source
     assert retired == ["short"]
     assert rows[-2:] == [2 + 4, 2]  # the short sentence's 4 beams are gone right after it finished
     assert step.n_rows == 2 and step.past_len == 2 + len(rows)  # the long one's cache: no padding left
-    assert all(kv.flags.c_contiguous for kv in step.past + step.cross)  # cut by a gather, not left as a view
+    fed: list[dict] = []
+    step.model = copy.copy(ort_model)
+    step.model.decoder = Recording(ort_model.decoder, fed)
+    retired += [key for key, _ in batch.step()]
+    past = [fed[0][name] for name in ort_model.past_names]
+    assert all(kv.shape[:3] == (2, ort_model.config.n_heads, 2 + len(rows)) for kv in past)  # what the next call reads
+    assert all(kv.flags.c_contiguous for kv in past + step.cross)  # cut by a gather, not left as a view
     while not batch.idle:
         retired += [key for key, _ in batch.step()]
     assert retired == ["short", "long"]
@@ -201,3 +218,25 @@ def test_beams_share_their_sentences_cross_kv_when_the_rows_come_in_blocks(
         alone = decode_alone(ort_model, src, options)
         assert [h.tokens for h in results[i]] == [h.tokens for h in alone]
         np.testing.assert_allclose([h.score for h in results[i]], [h.score for h in alone], rtol=1e-5, atol=1e-5)
+
+
+def test_newcomers_are_encoded_in_runs_of_similar_length_at_the_least_padded_cost() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        lengths = rng.integers(1, 60, size=int(rng.integers(1, 9)))
+        call = int(rng.choice([0, 8, 32, 1000]))
+        groups = length_groups(lengths, call)
+        assert sorted(np.concatenate(groups).tolist()) == list(range(len(lengths)))  # each sentence once
+        cost = sum(call + len(g) * lengths[g].max() for g in groups)
+        # Against every cut of the sorted lengths into runs (2^(n-1) of them).
+        ordered = np.sort(lengths)
+        best = min(
+            sum(
+                call + len(run) * run.max()
+                for run in np.split(ordered, [i + 1 for i in range(len(ordered) - 1) if cuts >> i & 1])
+            )
+            for cuts in range(2 ** (len(ordered) - 1))
+        )
+        assert cost == best
+    assert len(length_groups(np.array([5, 40, 6, 41]), 32)) == 2  # the short pair apart from the long pair
+    assert len(length_groups(np.array([5, 40, 6, 41]), 1000)) == 1  # a call costs more than the padding

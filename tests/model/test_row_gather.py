@@ -52,3 +52,17 @@ def test_small_results_are_fresh_arrays_and_many_checks_the_index_once() -> None
     # A non-contiguous view (the continuous batch's trimmed cache) comes back contiguous.
     view = large[0][:, :, 5:]
     np.testing.assert_array_equal(gather("trim", view, index), np.take(view, index, axis=0))
+
+
+@pytest.mark.parametrize("small", [0, 10_000])  # into the reused buffers, and as fresh arrays
+def test_zeros_rows_follow_the_gathered_ones_even_in_a_reused_dirty_buffer(small: int) -> None:
+    rng = np.random.default_rng(2)
+    gather = RowGather(small=small)
+    arrays = [rng.standard_normal((5, 2, 3, 4)).astype(np.float32) for _ in range(2)]
+    gather.many("past", arrays, np.arange(5))  # fills a buffer with non-zero values
+    gather.many("past", arrays, np.arange(5))  # and the second one
+    index = np.array([4, 1])
+    for got, array in zip(gather.many("past", arrays, index, zeros=3), arrays, strict=True):
+        assert got.shape == (5, 2, 3, 4) and got.flags.c_contiguous
+        np.testing.assert_array_equal(got[:2], np.take(array, index, axis=0))
+        assert not got[2:].any()
