@@ -7,7 +7,7 @@ from collections.abc import Coroutine
 from importlib import resources
 from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -26,17 +26,21 @@ T = TypeVar("T")
 JSON_TYPES = ("application/json",)
 
 
-def get_state(request: Request) -> ServiceState:
+# The dependencies are ``async def`` though none awaits: FastAPI runs a plain ``def`` dependency in its thread
+# pool, a hand-over to a worker thread and back for each (four per /v1/translate request before this).
+
+
+async def get_state(request: Request) -> ServiceState:
     return request.app.state.service
 
 
-def get_registry(state: Annotated[ServiceState, Depends(get_state)]) -> Registry:
+async def get_registry(state: Annotated[ServiceState, Depends(get_state)]) -> Registry:
     if state.registry is None or state.draining:
         raise NotReady(_not_ready_detail(state))
     return state.registry
 
 
-def require_json(request: Request) -> None:
+async def require_json(request: Request) -> None:
     """415 unless the body is declared as JSON."""
     content_type = request.headers.get("content-type")
     if content_type is None:
@@ -46,7 +50,16 @@ def require_json(request: Request) -> None:
         raise HTTPException(415, f"Content-Type {media!r} is not supported: send a JSON body as application/json")
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+def app_settings(app: FastAPI) -> Settings:
+    """The app's settings: ``get_settings``'s, or the instance ``create_app`` was given (an override of it)."""
+    return app.dependency_overrides.get(get_settings, get_settings)()
+
+
+async def current_settings(request: Request) -> Settings:
+    return app_settings(request.app)
+
+
+SettingsDep = Annotated[Settings, Depends(current_settings)]
 StateDep = Annotated[ServiceState, Depends(get_state)]
 RegistryDep = Annotated[Registry, Depends(get_registry)]
 

@@ -23,7 +23,7 @@ from fastapi_offline import FastAPIOffline
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from service.api import router
+from service.api import app_settings, router
 from service.auth import AccessDenied, KeyStore
 from service.batcher import BatchFailed, QueueFull, RequestTimeout, TooManySentences, TooMuchWork
 from service.engine import SentenceTooLong
@@ -42,10 +42,6 @@ logger = logging.getLogger("service.access")
 
 REQUEST_ID_HEADER = "x-request-id"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-
-
-def app_settings(app: FastAPI) -> Settings:
-    return app.dependency_overrides.get(get_settings, get_settings)()
 
 
 @contextlib.asynccontextmanager
