@@ -4,14 +4,16 @@
 
 1. direct: ``Engine.translate`` over all N sentences in length-sorted batches of ``--max-batch-tokens``
    (latency = time per engine batch).
-2. http, C clients (C = 1, 8, 32 by default): an ``mt-serve`` process on a free loopback port, C concurrent
-   clients each sending one sentence per request until the N are done (latency = per request).
+2. http, C clients (C = 1, 8, 32 by default): an ``mt-serve`` process on a free loopback port (``--loops``
+   decode loops, default auto: one per core), C concurrent clients each sending one sentence per request until
+   the N are done (latency = per request). The clients (``--client``) speak raw keep-alive HTTP/1.1 by default,
+   ~0.2 ms of CPU a request; httpx costs ~2 ms, as much as the server's own HTTP handling.
 
 Tokens are target subword tokens of the output (EOS included), counted the same way for every row. The
 clients run in this process on the same machine as the server, so on a small CPU box they take cycles
 from it: the CPU columns say how many (CPU seconds of this process, the clients, and of the server
 process, from /proc; for the direct row, the engine's). The goal is 32-client throughput ≥ 0.9x the
-direct engine's.
+direct engine's (at its default threads: one engine, onnxruntime's intra-op threads).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gzip
+import json
 import os
 import random
 import socket
@@ -109,14 +112,47 @@ async def _clients(url: str, texts: list[str], concurrency: int, beam_size: int)
     return outputs, latencies
 
 
-def bench_http(url: str, server_pid: int, texts: list[str], concurrency: int, beam_size: int) -> dict:
-    asyncio.run(_clients(url, texts[: 2 * concurrency], concurrency, beam_size))  # warm-up
+async def _lean_clients(url: str, texts: list[str], concurrency: int, beam_size: int) -> tuple[list[str], list[float]]:
+    """The same requests over raw keep-alive HTTP/1.1 connections: a load generator that leaves the CPU to the
+    server (httpx costs ~2 ms of client CPU per request, as much as the server's whole HTTP handling)."""
+    outputs, latencies = [""] * len(texts), []
+    todo = iter(range(len(texts)))
+    host, port = url.removeprefix("http://").split(":")
+
+    async def worker() -> None:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            for i in todo:
+                t0 = time.perf_counter()
+                payload = {"text": texts[i], "beam_size": beam_size, "length_penalty": PAPER.length_penalty}
+                body = json.dumps(payload).encode()
+                head = f"POST /v1/translate HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                writer.write(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+                status, *headers = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+                length = next(int(h.split(":")[1]) for h in headers if h.lower().startswith("content-length:"))
+                answer = await reader.readexactly(length)
+                if status.split()[1] != "200":
+                    raise RuntimeError(f"{status}: {answer[:300]!r}")
+                latencies.append(time.perf_counter() - t0)
+                outputs[i] = json.loads(answer)["translations"][0]["text"]
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return outputs, latencies
+
+
+def bench_http(
+    url: str, server_pid: int, texts: list[str], concurrency: int, beam_size: int, client: str = "httpx"
+) -> dict:
+    clients = _lean_clients if client == "lean" else _clients
+    asyncio.run(clients(url, texts[: 2 * concurrency], concurrency, beam_size))  # warm-up
     started, cpu, server = time.perf_counter(), time.process_time(), process_cpu_s(server_pid)
-    outputs, latencies = asyncio.run(_clients(url, texts, concurrency, beam_size))
+    outputs, latencies = asyncio.run(clients(url, texts, concurrency, beam_size))
     elapsed, cpu, server_after = time.perf_counter() - started, time.process_time() - cpu, process_cpu_s(server_pid)
     return {
-        "mode": "http", "clients": concurrency, "seconds": elapsed, "outputs": outputs, "latencies": latencies,
-        "client_cpu": cpu, "server_cpu": None if server is None else server_after - server,
+        "mode": f"http ({client})", "clients": concurrency, "seconds": elapsed, "outputs": outputs,
+        "latencies": latencies, "client_cpu": cpu, "server_cpu": None if server is None else server_after - server,
     }  # fmt: skip
 
 
@@ -127,6 +163,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     env = {
         **os.environ,
         "MT_THREADS": str(args.threads),
+        "MT_DECODE_LOOPS": str(args.loops),
         "MT_DEVICE": args.device,
         "MT_VARIANT": args.variant,
         "MT_MAX_BATCH_TOKENS": str(args.max_batch_tokens),
@@ -164,6 +201,13 @@ def main() -> None:
     parser.add_argument("--variant", default="auto", choices=["auto", "fp32", "int8", "fp16"])
     parser.add_argument("--max-batch-tokens", type=int, default=4096)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--loops", type=int, default=0, help="server decode loops (MT_DECODE_LOOPS; 0 = auto)")
+    parser.add_argument(
+        "--client",
+        default="lean",
+        choices=["lean", "httpx"],
+        help="load generator: raw keep-alive HTTP/1.1 (lean, ~0.2 ms CPU a request) or httpx (~2 ms)",
+    )
     args = parser.parse_args()
 
     tokenizer = Tokenizer(read_model_dir(args.model).tokenizer_file)
@@ -172,7 +216,7 @@ def main() -> None:
     process, url = start_server(args)
     try:
         for concurrency in (int(c) for c in args.clients.split(",")):
-            rows.append(bench_http(url, process.pid, texts, concurrency, args.beam_size))
+            rows.append(bench_http(url, process.pid, texts, concurrency, args.beam_size, args.client))
     finally:
         process.terminate()
         process.wait(60)

@@ -119,10 +119,17 @@ class BatchLimits:
 class Batcher:
     """Queues sentences of one model and decodes them in one running batch on that model's engine thread."""
 
-    def __init__(self, engine: Engine, limits: BatchLimits, metrics: Metrics) -> None:
+    def __init__(
+        self, engine: Engine, limits: BatchLimits, metrics: Metrics, loop_id: int = 0, count_requests: bool = True
+    ) -> None:
+        """``loop_id`` names the engine thread of one of several decode loops (``service.loops``), whose gauges add
+        up per model; ``count_requests`` off leaves the in-flight gauge to the caller (a request split over loops
+        is one request)."""
         self.engine = engine
         self.limits = limits
         self.metrics = metrics
+        self.count_requests = count_requests
+        self._gauges: dict[str, float] = {}  # this batcher's share of each per-model gauge
         self._requests: dict[_Request, None] = {}  # requests with unfinished sentences, in arrival order
         self._live: dict[_Item, None] = {}  # sentences in the running batch
         self._held = 0  # budget held by the live sentences
@@ -131,7 +138,7 @@ class Batcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self._enqueuing = 0  # requests part way through queueing their sentences (close waits for them)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{engine.name}")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{engine.name}-{loop_id}")
         # Shared with the engine thread, under _lock: the (departed, joining) hand-overs it has not applied yet,
         # whether its step loop runs, and whether a failed step halted it (until the loop has recovered).
         self._lock = threading.Lock()
@@ -285,10 +292,16 @@ class Batcher:
 
     def _set_depth(self, depth: int) -> None:
         self._depth = depth
-        self.metrics.queue_depth.labels(self.engine.name).set(depth)
+        self._gauge("queue_depth", depth)
 
     def _update_in_flight(self) -> None:
-        self.metrics.in_flight.labels(self.engine.name).set(len(self._requests))
+        if self.count_requests:
+            self._gauge("in_flight", len(self._requests))
+
+    def _gauge(self, name: str, value: float) -> None:
+        """Set this batcher's share of a per-model gauge (several decode loops of a model add up)."""
+        getattr(self.metrics, name).labels(self.engine.name).inc(value - self._gauges.get(name, 0))
+        self._gauges[name] = value
 
     def _head(self, request: _Request) -> _Item | None:
         """The request's next waiting sentence (dropped ones are removed on the way)."""
@@ -424,9 +437,8 @@ class Batcher:
             loop.call_soon_threadsafe(self._on_step, *report)
 
     def _idle(self) -> None:
-        name = self.engine.name
-        self.metrics.live_rows.labels(name).set(0)
-        self.metrics.live_sentences.labels(name).set(0)
+        self._gauge("live_rows", 0)
+        self._gauge("live_sentences", 0)
         self._kick()  # anything that arrived while the engine was stopping
 
     def _on_step(self, retired: list, rows: int, live_rows: int, seconds: float) -> None:
@@ -440,8 +452,8 @@ class Batcher:
             if item in self._live:  # not departed meanwhile
                 self._leave(item)
                 self._answer(item, result)
-        self.metrics.live_rows.labels(name).set(live_rows)
-        self.metrics.live_sentences.labels(name).set(len(self._live))
+        self._gauge("live_rows", live_rows)
+        self._gauge("live_sentences", len(self._live))
         if retired or self._depth:
             self._pump()
 

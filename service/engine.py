@@ -96,7 +96,8 @@ def resolve_device(device: str) -> str:
 
 
 class Engine:
-    """Decodes batches of tokenized sentences with one model; use from one thread at a time."""
+    """Decodes batches of tokenized sentences with one model. Its sessions may run on several threads at once
+    (onnxruntime sessions are thread-safe: the service's decode loops share them); each batch belongs to one thread."""
 
     def __init__(self, info: ModelInfo, ort_model: OrtModel, tokenizer: Tokenizer, device: str) -> None:
         self.info = info

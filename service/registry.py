@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import langcodes
 
 from model.model_dir import ModelInfo
-from service.batcher import Batcher
 from service.engine import Engine
+from service.loops import DecodeLoops
 from service.model_metrics import ModelMetrics
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class ServedModel:
     """A loaded model: its engine and the batcher that feeds it."""
 
     engine: Engine
-    batcher: Batcher
+    batcher: DecodeLoops
 
     @property
     def pair(self) -> tuple[str, str]:

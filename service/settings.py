@@ -38,7 +38,18 @@ class Settings(BaseSettings):
             "BLEU of fp32, else fp32"
         ),
     )
-    threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per model; 0 = one per physical core")
+    threads: int = Field(
+        0,
+        ge=0,
+        description="onnxruntime intra-op threads per model; 0 = auto: on CPU the cores shared among the decode loops, "
+        "on CUDA onnxruntime's default",
+    )
+    decode_loops: int = Field(
+        0,
+        ge=0,
+        description="running decoder batches per model, each on its own thread, requests spread over them; 0 = auto: "
+        "on CPU one per core (at most 4), on CUDA 1. Each loop admits up to MT_MAX_BATCH_TOKENS",
+    )
     warmup: bool = Field(True, description="decode a sentence per model before reporting ready")
     max_loaded_models: int = Field(
         0,

@@ -5,19 +5,38 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from pathlib import Path
 
 from model.manifest import read_manifest, resolve_variant
 from model.model_dir import read_model_dir
-from service.batcher import Batcher, BatchLimits
+from service.batcher import BatchLimits
 from service.engine import Engine, resolve_device
+from service.loops import DecodeLoops
 from service.metrics import Metrics
 from service.model_metrics import ModelMetrics
 from service.registry import ModelEntry, ModelUnavailable, Registry, ServedModel
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+MAX_AUTO_LOOPS = 4  # measured on 2 cores only (two loops of one thread); more cores get at most this many
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity mask, e.g. a container's cpuset)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def decode_plan(settings: Settings, device: str) -> tuple[int, int]:
+    """(decode loops, intra-op threads) for a model: MT_DECODE_LOOPS / MT_THREADS, 0 = auto. Auto on CPU: one loop
+    per core (at most MAX_AUTO_LOOPS) and the cores shared among them; on CUDA one loop, onnxruntime's threads."""
+    loops = settings.decode_loops or (1 if device == "cuda" else min(cpu_cores(), MAX_AUTO_LOOPS))
+    threads = settings.threads
+    if not threads and device != "cuda" and (settings.decode_loops == 0 or loops > 1):
+        threads = max(1, cpu_cores() // loops)
+    return loops, threads
 
 
 class NotReady(RuntimeError):
@@ -53,12 +72,14 @@ class ServiceState:
     async def open(self, entry: ModelEntry) -> ServedModel:
         """Load a model's sessions and warm them up in worker threads, then start its batcher."""
         s = self.settings
+        loops, threads = decode_plan(s, entry.device)
         engine = await asyncio.to_thread(
-            Engine.load, entry.info.path, device=s.device, variant=s.variant, threads=s.threads
+            Engine.load, entry.info.path, device=s.device, variant=s.variant, threads=threads
         )
         if s.warmup:
             await asyncio.to_thread(engine.warmup)
-        batcher = Batcher(engine, BatchLimits.from_settings(s), self.metrics)
+        logger.info("model %s: %d decode loop(s), intra-op threads %s", engine.name, loops, threads or "default")
+        batcher = DecodeLoops(engine, BatchLimits.from_settings(s), self.metrics, loops)
         batcher.start()
         return ServedModel(engine, batcher)
 

@@ -19,7 +19,13 @@ ROOT = HERE.parents[1]
 SERVER_ENV = {"MT_THREADS": "1", "MT_MAX_WAIT_MS": "40", "MT_LOG_LEVEL": "info", "OMP_NUM_THREADS": "1"}
 FAULT_SERVER = [str(HERE / "fault_server.py")]
 # The fault server's queue: 4 sentences; a slow batch holds the engine for FAULT_SLOW_S seconds.
-FAULT_ENV = {"MT_QUEUE_SIZE": "4", "MT_MAX_WAIT_MS": "0", "MT_RETRY_AFTER_S": "2", "FAULT_SLOW_S": "1.5"}
+FAULT_ENV = {
+    "MT_DECODE_LOOPS": "1",
+    "MT_QUEUE_SIZE": "4",
+    "MT_MAX_WAIT_MS": "0",
+    "MT_RETRY_AFTER_S": "2",
+    "FAULT_SLOW_S": "1.5",
+}
 
 
 def free_port() -> int:

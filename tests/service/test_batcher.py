@@ -1,4 +1,6 @@
-"""The continuous batcher with a stand-in engine: queue limits, fairness, cancellation, fault isolation.
+"""The continuous batcher with a stand-in engine: queue limits, fairness, cancellation, fault isolation; and
+several decode loops of one model (``service.loops``): requests spread over them, a failure in one ends the
+request in all.
 
 The stand-in decodes a sentence in as many steps as it has tokens and echoes it; it records every step's
 live sentences, so the tests see exactly which sentences shared which decoder call.
@@ -17,6 +19,7 @@ from model.decoding import DecodingOptions
 from service import batcher as batcher_module
 from service.batcher import Batcher, BatchFailed, BatchLimits, QueueFull, RequestTimeout, TooManySentences, TooMuchWork
 from service.engine import Candidate, SentenceResult
+from service.loops import DecodeLoops
 from service.metrics import Metrics
 
 BAD = 99  # a token the stand-in engine fails on
@@ -69,6 +72,7 @@ class FakeBatch:
         self.last_rows = self.live_rows
         sources = [entry[0] for entry in self.live.values()]
         self.engine.steps.append(sources)
+        self.engine.threads.update((tuple(s), threading.current_thread().name) for s in sources)
         if any(BAD in s for s in sources):
             raise RuntimeError("injected fault")
         out = []
@@ -92,6 +96,7 @@ class FakeEngine:
         self.dropped_at: list[int] = []  # steps made when each drop happened
         self.hold = threading.Event()
         self.hold.set()
+        self.threads: set[tuple[tuple[int, ...], str]] = set()  # (source, engine thread) of every step
 
     def open_batch(self) -> FakeBatch:
         return FakeBatch(self)
@@ -352,3 +357,74 @@ def test_a_culprit_that_leaves_during_its_failing_step_does_not_take_an_innocent
     innocent = run(go, engine, max_wait_ms=50)
     assert texts(innocent) == ["1 2 3"]
     assert engine.steps == [[[BAD], [1, 2, 3]]] and engine.static == [[[1, 2, 3]]]
+
+
+def run_loops(coroutine_fn, engine: FakeEngine, n: int = 2, metrics: Metrics | None = None, **limits):
+    """Run ``coroutine_fn(loops)`` with ``n`` started decode loops over ``engine``, closing them afterwards."""
+
+    async def main():
+        loops = DecodeLoops(engine, BatchLimits(**limits), metrics or Metrics(), n)
+        loops.start()
+        try:
+            return await coroutine_fn(loops)
+        finally:
+            engine.hold.set()
+            await loops.close()
+
+    return asyncio.run(main())
+
+
+def test_decode_loops_spread_requests_over_their_threads_and_answer_in_order() -> None:
+    engine = FakeEngine()
+    metrics = Metrics()
+    requests = [[[100 * r + i] * (1 + (r + i) % 5) for i in range(1 + r % 4)] for r in range(24)]
+
+    async def go(loops: DecodeLoops):
+        return await asyncio.gather(*(loops.translate(sources, DecodingOptions()) for sources in requests))
+
+    results = run_loops(go, engine, metrics=metrics, max_wait_ms=0)
+    for sources, got in zip(requests, results, strict=True):
+        assert texts(got) == [" ".join(map(str, s)) for s in sources]
+    threads = {thread for _, thread in engine.threads}
+    assert len(threads) == 2  # both loops decoded
+    big = requests[3]  # 4 sentences: dealt over both loops
+    assert len({thread for source, thread in engine.threads if list(source) in big}) == 2
+    rendered = metrics.render().decode()
+    for gauge in ("mt_queue_depth", "mt_live_rows", "mt_live_sentences", "mt_in_flight_requests"):
+        assert f'{gauge}{{model="fake"}} 0.0' in rendered  # the loops' shares add up to nothing left
+
+
+def test_one_loop_failing_a_request_ends_its_sentences_in_the_other_loop() -> None:
+    engine = FakeEngine()
+
+    async def go(loops: DecodeLoops):
+        with pytest.raises(BatchFailed, match="injected fault"):
+            await loops.translate([[BAD, 1, 2], [5] * 1000], DecodingOptions())  # one sentence per loop
+        failed_at = len(engine.steps)
+        await until(lambda: bool(engine.dropped))
+        return failed_at
+
+    failed_at = run_loops(go, engine, max_wait_ms=0)
+    assert engine.dropped == [[5] * 1000]  # the other loop's sentence left its batch
+    assert engine.dropped_at[0] <= failed_at + LAG
+    assert max(steps_with(engine, [5] * 1000)) < 1000  # not the 1000 steps it asked for
+
+
+def test_the_queue_limit_counts_every_loop() -> None:
+    engine = FakeEngine()
+
+    async def go(loops: DecodeLoops):
+        engine.hold.clear()
+        busy = [asyncio.ensure_future(loops.translate([[i]], DecodingOptions())) for i in (1, 2)]  # one per loop
+        await until(lambda: loops.depth == 0)
+        await asyncio.sleep(0.05)
+        waiting = asyncio.ensure_future(loops.translate([[3], [4], [5]], DecodingOptions()))  # 2 + 1 queued
+        await asyncio.sleep(0.01)
+        assert loops.depth == 3 and max(loop.depth for loop in loops.loops) == 2
+        with pytest.raises(QueueFull, match="MT_QUEUE_SIZE=4"):
+            await loops.translate([[6], [7]], DecodingOptions())  # each loop alone would have room for one more
+        engine.hold.set()
+        return [texts(await b) for b in busy], texts(await waiting)
+
+    busy, waiting = run_loops(go, engine, queue_size=4, max_wait_ms=0)
+    assert busy == [["1"], ["2"]] and waiting == ["3", "4", "5"]
