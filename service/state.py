@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -25,8 +26,14 @@ MAX_AUTO_LOOPS = 4  # measured on 2 cores only (two loops of one thread); more c
 
 
 def cpu_cores() -> int:
-    """The cores this process may run on (its affinity mask, e.g. a container's cpuset)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """The cores this process may use: its affinity mask (a container's cpuset), capped by a cgroup v2 CPU quota
+    (a Kubernetes CPU limit, rounded up)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    return cores
 
 
 def decode_plan(settings: Settings, device: str) -> tuple[int, int]:

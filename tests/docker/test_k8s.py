@@ -207,10 +207,13 @@ def test_device_resources(kubectl: str) -> None:
             assert pod["nodeSelector"] and pod["tolerations"]
         else:
             assert gpus == {"requests": None, "limits": None} and "nodeSelector" not in pod
-        # onnxruntime's threads fit the CPU limit (MT_THREADS=0 would take every core of the node).
-        threads = int(pod_env(render(kubectl, name)).get("MT_THREADS", 0))
+        # onnxruntime's threads over the decode loops fit the CPU limit (0 = auto would count the node's cores).
+        env = pod_env(render(kubectl, name))
+        threads = int(env.get("MT_THREADS", 0))
+        loops = int(env.get("MT_DECODE_LOOPS", 1 if KUSTOMIZATIONS[name] == "cuda" else 0))  # auto: 1 on CUDA
         if name != "base":
-            assert 1 <= threads <= float(container["resources"]["limits"]["cpu"])
+            assert threads >= 1 and loops >= 1
+            assert threads * loops <= float(container["resources"]["limits"]["cpu"])
 
 
 @pytest.mark.parametrize("name", SERVING)
