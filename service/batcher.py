@@ -184,12 +184,7 @@ class Batcher:
             raise QueueFull("the server is shutting down")
         self.check_size(len(sources))
         self.check_work(sources, options)
-        if self._depth + len(sources) > self.limits.queue_size:
-            self.metrics.rejected.labels(name, "queue_full").inc()
-            raise QueueFull(
-                f"the queue holds {self._depth} sentences and this request adds {len(sources)} "
-                f"(MT_QUEUE_SIZE={self.limits.queue_size})"
-            )
+        self.check_room(len(sources), self._depth)
         loop = asyncio.get_running_loop()
         request = _Request(request_id)
         items: list[_Item] = []
@@ -252,6 +247,15 @@ class Batcher:
                 f"the request has {'at least ' if at_least else ''}{n_sentences} sentences but at most "
                 f"{self.limits.queue_size} can wait to be "
                 f"translated (MT_QUEUE_SIZE={self.limits.queue_size}): split the request into smaller ones"
+            )
+
+    def check_room(self, n_sentences: int, depth: int) -> None:
+        """QueueFull when ``n_sentences`` more would push a queue holding ``depth`` past ``queue_size``."""
+        if depth + n_sentences > self.limits.queue_size:
+            self.metrics.rejected.labels(self.engine.name, "queue_full").inc()
+            raise QueueFull(
+                f"the queue holds {depth} sentences and this request adds {n_sentences} "
+                f"(MT_QUEUE_SIZE={self.limits.queue_size})"
             )
 
     def check_work(self, sources: Sequence[Sequence[int]], options: DecodingOptions) -> None:

@@ -21,7 +21,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 
 from model.decoding import DecodingOptions
-from service.batcher import Batcher, BatchLimits, QueueFull
+from service.batcher import Batcher, BatchLimits
 from service.engine import Engine, SentenceResult, batch_cost
 from service.metrics import Metrics
 
@@ -67,12 +67,7 @@ class DecodeLoops:
         first = self.loops[0]
         first.check_size(len(sources))
         first.check_work(sources, options)
-        if self.depth + len(sources) > self.limits.queue_size:
-            self.metrics.rejected.labels(self.engine.name, "queue_full").inc()
-            raise QueueFull(
-                f"the queue holds {self.depth} sentences and this request adds {len(sources)} "
-                f"(MT_QUEUE_SIZE={self.limits.queue_size})"
-            )
+        first.check_room(len(sources), self.depth)  # over every loop's queue
         ranked = sorted(range(len(self.loops)), key=lambda k: self._dealt[k])
         parts = [list(range(k, len(sources), len(ranked))) for k in range(min(len(ranked), len(sources)))]
         costs = [sum(batch_cost(len(sources[i]), 1, options.beam_size) for i in part) for part in parts]

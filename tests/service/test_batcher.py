@@ -108,11 +108,15 @@ class FakeEngine:
         return [echo(s) for s in sources]
 
 
-def run(coroutine_fn, engine: FakeEngine, **limits):
-    """Run ``coroutine_fn(batcher)`` with a started batcher over ``engine``, closing it afterwards."""
+def run(coroutine_fn, engine: FakeEngine, loops: int = 0, metrics: Metrics | None = None, **limits):
+    """Run ``coroutine_fn(batcher)`` with a started batcher over ``engine`` (``loops`` > 0: that many decode loops),
+    closing it afterwards."""
 
     async def main():
-        batcher = Batcher(engine, BatchLimits(**limits), Metrics())
+        if loops:
+            batcher = DecodeLoops(engine, BatchLimits(**limits), metrics or Metrics(), loops)
+        else:
+            batcher = Batcher(engine, BatchLimits(**limits), metrics or Metrics())
         batcher.start()
         try:
             return await coroutine_fn(batcher)
@@ -359,21 +363,6 @@ def test_a_culprit_that_leaves_during_its_failing_step_does_not_take_an_innocent
     assert engine.steps == [[[BAD], [1, 2, 3]]] and engine.static == [[[1, 2, 3]]]
 
 
-def run_loops(coroutine_fn, engine: FakeEngine, n: int = 2, metrics: Metrics | None = None, **limits):
-    """Run ``coroutine_fn(loops)`` with ``n`` started decode loops over ``engine``, closing them afterwards."""
-
-    async def main():
-        loops = DecodeLoops(engine, BatchLimits(**limits), metrics or Metrics(), n)
-        loops.start()
-        try:
-            return await coroutine_fn(loops)
-        finally:
-            engine.hold.set()
-            await loops.close()
-
-    return asyncio.run(main())
-
-
 def test_decode_loops_spread_requests_over_their_threads_and_answer_in_order() -> None:
     engine = FakeEngine()
     metrics = Metrics()
@@ -382,7 +371,7 @@ def test_decode_loops_spread_requests_over_their_threads_and_answer_in_order() -
     async def go(loops: DecodeLoops):
         return await asyncio.gather(*(loops.translate(sources, DecodingOptions()) for sources in requests))
 
-    results = run_loops(go, engine, metrics=metrics, max_wait_ms=0)
+    results = run(go, engine, loops=2, metrics=metrics, max_wait_ms=0)
     for sources, got in zip(requests, results, strict=True):
         assert texts(got) == [" ".join(map(str, s)) for s in sources]
     threads = {thread for _, thread in engine.threads}
@@ -404,7 +393,7 @@ def test_one_loop_failing_a_request_ends_its_sentences_in_the_other_loop() -> No
         await until(lambda: bool(engine.dropped))
         return failed_at
 
-    failed_at = run_loops(go, engine, max_wait_ms=0)
+    failed_at = run(go, engine, loops=2, max_wait_ms=0)
     assert engine.dropped == [[5] * 1000]  # the other loop's sentence left its batch
     assert engine.dropped_at[0] <= failed_at + LAG
     assert max(steps_with(engine, [5] * 1000)) < 1000  # not the 1000 steps it asked for
@@ -426,5 +415,5 @@ def test_the_queue_limit_counts_every_loop() -> None:
         engine.hold.set()
         return [texts(await b) for b in busy], texts(await waiting)
 
-    busy, waiting = run_loops(go, engine, queue_size=4, max_wait_ms=0)
+    busy, waiting = run(go, engine, loops=2, queue_size=4, max_wait_ms=0)
     assert busy == [["1"], ["2"]] and waiting == ["3", "4", "5"]
