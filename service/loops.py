@@ -86,6 +86,7 @@ class DecodeLoops:
         finally:
             for task in tasks:  # one loop's failure or timeout ends the request's sentences in the others
                 task.cancel()
+                task.add_done_callback(_retrieve)  # a second loop's error is not logged as never retrieved
             for k, cost in zip(ranked, costs, strict=False):
                 self._dealt[k] -= cost
             in_flight.dec()
@@ -94,6 +95,11 @@ class DecodeLoops:
             for i, result in zip(part, part_results, strict=True):
                 results[i] = result
         return results  # type: ignore[return-value]
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _mapped(
