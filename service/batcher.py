@@ -1,6 +1,7 @@
-"""Continuous batching for one model: sentences from every request join and leave one running decoder batch.
+"""Continuous batching for one decode loop of a model: sentences from requests join and leave one running decoder
+batch (a model runs one or more such loops over its engine: ``service/loops.py``).
 
-Two sides. The engine thread (one per model) runs the decoder batch step after step without waiting for
+Two sides. The engine thread (one per loop) runs the decoder batch step after step without waiting for
 anybody (``EngineBatch.step``: newcomers are encoded and joined first); between two steps it applies what the
 event loop handed it through a locked inbox: sentences that leave (their request is gone: client left,
 timed out, failed; their rows are freed at once) and sentences that join. The event loop queues requests'
