@@ -17,7 +17,7 @@ from service.langdetect import detector_for
 from service.logs import request_id_var
 from service.registry import Registry
 from service.schemas import ErrorBody, Health, ModelOut, ModelsResponse, TranslateRequest, TranslateResponse
-from service.settings import Settings, get_settings
+from service.settings import Settings
 from service.state import NotReady, ServiceState
 
 router = APIRouter()
@@ -51,8 +51,8 @@ async def require_json(request: Request) -> None:
 
 
 def app_settings(app: FastAPI) -> Settings:
-    """The app's settings: ``get_settings``'s, or the instance ``create_app`` was given (an override of it)."""
-    return app.dependency_overrides.get(get_settings, get_settings)()
+    """The app's settings: the instance ``create_app`` was given, or the environment's (``get_settings``)."""
+    return app.state.settings
 
 
 async def current_settings(request: Request) -> Settings:

@@ -1,7 +1,7 @@
 """Service settings: one pydantic-settings class (environment prefix ``MT_``), read through ``get_settings()``.
 
-Nothing here runs at import: the settings are built on first use by the cached dependency, which tests and
-``mt-serve`` replace (``app.dependency_overrides[get_settings]``) with their own instance.
+Nothing here runs at import: the settings are built on first use by ``get_settings()`` (cached), unless
+``create_app(settings)`` is given an instance (tests and ``mt-serve`` do); routes read them from the app.
 """
 
 from __future__ import annotations
@@ -200,5 +200,5 @@ def settings_help(width: int = 100) -> str:
 
 @lru_cache
 def get_settings() -> Settings:
-    """The process's settings, read from the environment once (a FastAPI dependency; override in tests)."""
+    """The process's settings, read from the environment once (``create_app(settings)`` takes others)."""
     return Settings()

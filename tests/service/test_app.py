@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from model.model_dir import ModelDirError, read_model_dir
 from service import translate as translate_module
-from service.app import create_app
+from service.app import app_settings, create_app
 from service.engine import EngineBatch
 from service.settings import Settings, get_settings
 
@@ -93,6 +93,14 @@ def test_settings_read_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     get_settings.cache_clear()
     assert get_settings() is get_settings()
     get_settings.cache_clear()
+
+
+def test_given_settings_are_not_a_dependency_override() -> None:
+    """Any entry in dependency_overrides makes FastAPI re-analyse every dependency's signature per request."""
+    settings = Settings(max_items=7)
+    app = create_app(settings)
+    assert app.dependency_overrides == {}
+    assert app_settings(app) is settings
 
 
 def test_request_timeout_answers_503(served_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
