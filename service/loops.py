@@ -8,17 +8,24 @@ has its own cache). Measured in process on 2 cores, 1,000 test2016 sentences, 32
 (``benchmarks/bench_service.py`` measures the server): one loop of 2 threads 0.77-0.80x the static engine's
 throughput, two loops of 1 thread 0.94-0.98x.
 
-A request's sentences are dealt round-robin over the loops, least loaded first (the budget of the unanswered
-sentences dealt to each): a one-sentence request goes to the least loaded loop, a long request runs on every loop,
-and in each loop the batcher's fairness holds (the request holding least goes first). The request-level checks
-(size, work, queue room over all loops) are made once, before anything is queued; a failure or timeout in one
-loop cancels the request's sentences in the others.
+Each loop serves a band of source lengths (:class:`LengthBands`: boundaries that split the recent work evenly), so
+a loop's running batch holds sentences of similar length: its cross-attention sources and its self-attention cache
+(as long as its oldest row) are padded less. In process, 1,000 test2016 sentences, two loops of 16 clients: the
+loops' CPU fell 7-8% with the sentences split at the median length against an even mix. A sentence goes to its
+band's loop unless that loop holds more than the least loaded one by over half the loops' mean load (load = the
+budget, source tokens x beam, of the unanswered sentences dealt to it): at light load sentences spread over every
+loop, as least-loaded dealing would; a long request spreads too. In each loop the batcher's fairness holds (the
+request holding least goes first). The request-level checks (size, work, queue room over all loops) are made
+once, before anything is queued; a failure or timeout in one loop cancels the request's sentences in the others.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 from collections.abc import Callable, Sequence
+
+import numpy as np
 
 from model.decoding import DecodingOptions
 from service.batcher import Batcher, BatchLimits
@@ -39,6 +46,7 @@ class DecodeLoops:
         # Budget (source tokens x beam) of the unanswered sentences dealt to each loop, counted when dealt: a loop's
         # own queue sees a request only once its task has run, too late for requests arriving together.
         self._dealt = [0] * n
+        self.bands = LengthBands(n)
 
     @property
     def depth(self) -> int:
@@ -54,6 +62,20 @@ class DecodeLoops:
     def check_size(self, n_sentences: int, at_least: bool = False) -> None:
         self.loops[0].check_size(n_sentences, at_least)
 
+    def _deal(self, lengths: list[int], beam_size: int) -> list[list[int]]:
+        """The sentence indices each loop gets: its band's, unless that loop is over the least loaded by more than
+        half the mean load (counted in ``_dealt`` at once)."""
+        shares: list[list[int]] = [[] for _ in self.loops]
+        dealt = self._dealt
+        for i, length in enumerate(lengths):
+            k = self.bands.band(length)
+            least = min(range(len(dealt)), key=dealt.__getitem__)
+            if dealt[k] - dealt[least] > sum(dealt) / (2 * len(dealt)):
+                k = least
+            dealt[k] += batch_cost(length, 1, beam_size)
+            shares[k].append(i)
+        return shares
+
     async def translate(
         self,
         sources: Sequence[list[int]],
@@ -68,11 +90,12 @@ class DecodeLoops:
         first.check_size(len(sources))
         first.check_work(sources, options)
         first.check_room(len(sources), self.depth)  # over every loop's queue
-        ranked = sorted(range(len(self.loops)), key=lambda k: self._dealt[k])
-        parts = [list(range(k, len(sources), len(ranked))) for k in range(min(len(ranked), len(sources)))]
-        costs = [sum(batch_cost(len(sources[i]), 1, options.beam_size) for i in part) for part in parts]
-        for k, cost in zip(ranked, costs, strict=False):
-            self._dealt[k] += cost
+        lengths = [len(source) for source in sources]
+        self.bands.record(lengths, options.beam_size)
+        shares = self._deal(lengths, options.beam_size)
+        ranked = [k for k, share in enumerate(shares) if share]
+        parts = [shares[k] for k in ranked]
+        costs = [sum(batch_cost(lengths[i], 1, options.beam_size) for i in part) for part in parts]
         in_flight = self.metrics.in_flight.labels(self.engine.name)
         in_flight.inc()
         tasks = [
@@ -95,6 +118,40 @@ class DecodeLoops:
             for i, result in zip(part, part_results, strict=True):
                 results[i] = result
         return results  # type: ignore[return-value]
+
+
+class LengthBands:
+    """Source-length bands, one per loop, whose boundaries split the recent work (length x beam) into equal parts.
+
+    Kept over the last ``window`` sentences recorded, at most ``per_request`` evenly spaced ones per request (one
+    huge request does not flush what the traffic looks like); recomputed every 16 recordings."""
+
+    def __init__(self, n: int, window: int = 256, per_request: int = 16) -> None:
+        self.n = n
+        self.per_request = per_request
+        self._lengths = np.zeros(window, dtype=np.int64)
+        self._weights = np.zeros(window, dtype=np.int64)
+        self._recorded = 0
+        self._since = 0
+        self.boundaries: list[int] = []  # band k holds lengths in (boundaries[k-1], boundaries[k]]
+
+    def record(self, lengths: Sequence[int], beam_size: int) -> None:
+        step = max(1, -(-len(lengths) // self.per_request))
+        for length in lengths[::step]:
+            slot = self._recorded % len(self._lengths)
+            self._lengths[slot], self._weights[slot] = length, length * beam_size
+            self._recorded += 1
+            self._since += 1
+        if self._since >= 16 or len(self.boundaries) < self.n - 1:
+            self._since = 0
+            filled = min(self._recorded, len(self._lengths))
+            order = np.argsort(self._lengths[:filled], kind="stable")
+            cumulative = np.cumsum(self._weights[:filled][order])
+            cuts = np.searchsorted(cumulative, cumulative[-1] * np.arange(1, self.n) / self.n)
+            self.boundaries = [int(self._lengths[order[min(c, filled - 1)]]) for c in cuts]
+
+    def band(self, length: int) -> int:
+        return bisect.bisect_left(self.boundaries, length) if self.boundaries else 0
 
 
 def _retrieve(task: asyncio.Future) -> None:

@@ -9,6 +9,7 @@ live sentences, so the tests see exactly which sentences shared which decoder ca
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 import time
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from model.decoding import DecodingOptions
 from service import batcher as batcher_module
 from service.batcher import Batcher, BatchFailed, BatchLimits, QueueFull, RequestTimeout, TooManySentences, TooMuchWork
 from service.engine import Candidate, SentenceResult
-from service.loops import DecodeLoops
+from service.loops import DecodeLoops, LengthBands
 from service.metrics import Metrics
 
 BAD = 99  # a token the stand-in engine fails on
@@ -417,3 +418,46 @@ def test_the_queue_limit_counts_every_loop() -> None:
 
     busy, waiting = run(go, engine, loops=2, queue_size=4, max_wait_ms=0)
     assert busy == [["1"], ["2"]] and waiting == ["3", "4", "5"]
+
+
+def test_decode_loops_give_each_loop_a_band_of_source_lengths() -> None:
+    """Under load, short and long sentences decode in different loops (less padding in each running batch)."""
+    rng = random.Random(1)
+    warm_up, held = ([rng.randint(1, 40) for _ in range(64)] for _ in range(2))
+    engine = FakeEngine()
+
+    async def go(loops: DecodeLoops):
+        await asyncio.gather(*(loops.translate([[7] * n], DecodingOptions()) for n in warm_up))
+        engine.threads.clear()
+        engine.hold.clear()  # every request of the second wave is dealt while the loops are busy
+        waiting = [asyncio.ensure_future(loops.translate([[8] * n], DecodingOptions())) for n in held]
+        await asyncio.sleep(0.05)
+        engine.hold.set()
+        assert [texts(await w) for w in waiting] == [[" ".join(["8"] * n)] for n in held]
+        return loops.bands.boundaries
+
+    boundaries = run(go, engine, loops=2, max_wait_ms=0)
+    assert len(boundaries) == 1 and 25 <= boundaries[0] <= 35  # length x beam splits in halves near 40 / sqrt(2)
+    by_thread: dict[str, list[int]] = {}
+    for source, thread in engine.threads:
+        by_thread.setdefault(thread, []).append(len(source))
+    short, long = sorted(by_thread.values(), key=lambda lengths: sum(lengths) / len(lengths))
+    assert sum(long) / len(long) >= 1.5 * sum(short) / len(short)
+    above = [n for n in set(held) if n > boundaries[0]]
+    assert sum(n in long for n in above) >= 0.8 * len(above)
+
+
+def test_length_bands_split_the_recent_work_evenly() -> None:
+    bands = LengthBands(3, window=56)  # 4 mixes
+    assert bands.band(5) == 0  # nothing recorded yet
+    mix = [10] * 8 + [20] * 4 + [40] * 2  # work (length x beam) 320 : 320 : 320
+    for _ in range(2):
+        bands.record(mix, beam_size=4)
+    assert bands.boundaries == [10, 20]
+    assert [bands.band(n) for n in (1, 10, 11, 20, 21, 400)] == [0, 0, 1, 1, 2, 2]
+    bands.record(list(range(1000, 2000)), beam_size=4)  # one huge request: 16 of its sentences recorded
+    assert bands._recorded == 28 + 16
+    assert bands.boundaries[0] >= 1000  # the recent work is mostly that request's: every caption is in band 0
+    for _ in range(6):  # 84 more sentences push its samples out of the window (recomputed every 16)
+        bands.record(mix, beam_size=4)
+    assert bands.boundaries == [10, 20]
