@@ -1,14 +1,16 @@
 """Training throughput (target tokens per second) of a model preset on this machine, with synthetic batches.
 
-    .venv/bin/python benchmarks/bench_train.py --preset small --batch-tokens 4096 --steps 20
+    .venv/bin/python benchmarks/bench_train.py --preset small --batch-tokens 4096 --steps 20 [--amp bf16]
 
 Each step is a full optimizer step (forward, label-smoothed loss, backward, Adam) on a batch of random
-token ids shaped like Multi30k (sentence lengths 8-30). The first steps are warm-up and not timed.
+token ids shaped like Multi30k (sentence lengths 8-30). The first steps are warm-up and not timed. ``--amp bf16``
+runs the forward under bf16 autocast, as ``train.amp: bf16`` does (on CPU too).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import time
 
@@ -38,6 +40,7 @@ def main() -> None:
     parser.add_argument("--batch-tokens", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--amp", default="none", choices=["none", "bf16"], help="bf16: autocast, as train.amp=bf16")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = parser.parse_args()
     if args.threads:
@@ -50,7 +53,9 @@ def main() -> None:
     for step in range(args.warmup + args.steps):
         src, mask, tgt_in, tgt_out = make_batch(args.batch_tokens, args.vocab, gen)
         started = time.perf_counter()
-        loss, _ = label_smoothed_nll_loss(model(src, mask, tgt_in), tgt_out, 0.1, 0)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if args.amp == "bf16" else contextlib.nullcontext()
+        with autocast:
+            loss, _ = label_smoothed_nll_loss(model(src, mask, tgt_in), tgt_out, 0.1, 0)
         n_tokens = int(tgt_out.ne(0).sum())
         optimizer.zero_grad()
         (loss / n_tokens).backward()
@@ -61,7 +66,7 @@ def main() -> None:
     print(f"machine: {platform.machine()} {platform.processor() or ''}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
     print(f"preset {args.preset}: {count_parameters(model) / 1e6:.1f}M parameters, vocab {args.vocab}, "
-          f"batch ~{args.batch_tokens} tokens, {args.steps} timed steps")  # fmt: skip
+          f"batch ~{args.batch_tokens} tokens, {args.steps} timed steps, amp {args.amp}")  # fmt: skip
     print(f"training throughput: {tokens / seconds:,.0f} target tokens/s ({seconds / args.steps:.3f} s/step)")
 
 

@@ -23,6 +23,7 @@ from training.cli import main as mt_train
 from training.evaluate import translate_texts
 from training.loss import label_smoothed_nll_loss, r_drop_kl
 from training.schedule import cooldown_factor, noam_lr
+from training.trainer import pick_amp
 
 CONFIG = str(Path(__file__).parents[2] / "training" / "configs" / "multi30k_de_en.yaml")
 
@@ -252,6 +253,30 @@ def test_a_run_with_cooldown_logs_the_scaled_rate(toy_dir: Path, tmp_path: Path)
     assert logged[10] == pytest.approx(scale * noam_lr(10, d_model, 10))
     assert logged[15] == pytest.approx(scale * noam_lr(15, d_model, 10) * 0.6)  # (20 - 15 + 1) / 10
     assert logged[20] == pytest.approx(scale * noam_lr(20, d_model, 10) * 0.1)
+
+
+def test_pick_amp_on_cpu_is_fp32_unless_bf16_is_asked() -> None:
+    cpu = torch.device("cpu")
+    assert [pick_amp(name, cpu) for name in ("auto", "none", "fp16", "bf16")] == [None, None, None, torch.bfloat16]
+
+
+def test_bf16_autocast_trains_on_cpu(toy_dir: Path, tmp_path: Path) -> None:
+    """train.amp=bf16 on CPU runs the forward in bf16 (the weights come out different from the fp32 run of the
+    same seed), keeps fp32 master weights, learns, and says so in model.json."""
+    runs = {}
+    for amp in ("none", "bf16"):
+        out = tmp_path / amp
+        assert mt_train(toy_args(toy_dir, out, "train.max_steps=30", f"train.amp={amp}")) == 0
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses = [r["loss"] for r in records if r["kind"] == "train"]
+        assert losses[-1] < 0.9 * losses[0]
+        meta = json.loads((out / "model.json").read_text())["training"]
+        runs[amp] = (meta["amp"], load_model(out)[0], losses[-1])
+    assert runs["none"][0] == "none" and runs["bf16"][0] == "bfloat16"
+    assert runs["bf16"][2] == pytest.approx(runs["none"][2], rel=0.05)  # bf16 learns as fp32 does
+    fp32, bf16 = runs["none"][1].state_dict(), runs["bf16"][1].state_dict()
+    assert all(v.dtype == torch.float32 for v in bf16.values())
+    assert any(not torch.equal(fp32[k], bf16[k]) for k in fp32)
 
 
 def test_ddp_two_ranks_equal_one_process_with_accumulation_two(toy_dir: Path, tmp_path: Path) -> None:
