@@ -13,11 +13,11 @@ loop's running batch holds sentences of similar length: its cross-attention sour
 long as its oldest row) are padded less. In process, 1,000 test2016 sentences, two loops of 16 clients: the loops'
 CPU fell 5-8% (throughput +5-8%) against least-loaded dealing, the loops' mean lengths 13.0 and 21.9. A sentence
 goes to its band's loop unless that loop holds more than the least loaded one by over half the loops' mean load
-(load = the budget, source tokens x beam, of the unanswered sentences dealt to it): at light load sentences spread
-over every loop, as least-loaded dealing would; a long request spreads too. In each loop the batcher's fairness
-holds (the request holding least goes first). The request-level checks (size, work, queue room over all loops) are
-made once, before anything is queued; a failure or timeout in one loop cancels the request's sentences in the
-others.
+(load = the budget, (source tokens + 1) x beam, of the unanswered sentences dealt to it): requests that overlap
+spread over every loop even when their lengths fall in one band, and so does a long request; a lone request at a
+time goes to its band's loop. In each loop the batcher's fairness holds (the request holding least goes first). The
+request-level checks (size, work, queue room over all loops) are made once, before anything is queued; a failure or
+timeout in one loop cancels the request's sentences in the others.
 """
 
 from __future__ import annotations
@@ -64,12 +64,14 @@ class DecodeLoops:
         self.loops[0].check_size(n_sentences, at_least)
 
     def _deal(self, lengths: list[int], beam_size: int) -> list[list[int]]:
-        """The sentence indices each loop gets: its band's, unless that loop is over the least loaded by more than
-        half the mean load (counted in ``_dealt`` at once)."""
+        """The sentence indices each loop gets: its band's (the least loaded of its bands, for a length on
+        boundaries), unless that loop is over the least loaded by more than half the mean load (counted in
+        ``_dealt`` at once)."""
         shares: list[list[int]] = [[] for _ in self.loops]
         dealt = self._dealt
         for i, length in enumerate(lengths):
-            k = self.bands.band(length)
+            low, high = self.bands.bands(length)
+            k = min(range(low, high + 1), key=dealt.__getitem__)
             least = min(range(len(dealt)), key=dealt.__getitem__)
             if dealt[k] - dealt[least] > sum(dealt) / (2 * len(dealt)):
                 k = least
@@ -122,10 +124,13 @@ class DecodeLoops:
 
 
 class LengthBands:
-    """Source-length bands, one per loop, whose boundaries split the recent work (length x beam) into equal parts.
+    """Source-length bands, one per loop, whose boundaries split the recent work into equal parts (as nearly as
+    whole lengths allow: the work of a length on a boundary falls on both sides; :meth:`bands`).
 
-    Kept over the last ``window`` sentences recorded, at most ``per_request`` evenly spaced ones per request (one
-    huge request does not flush what the traffic looks like); recomputed every 16 recordings."""
+    Work is counted as the batcher's budget, (length + 1) x beam. Kept over the last ``window`` sentences
+    recorded, at most ``per_request`` evenly spaced ones per request (one huge request does not flush what the
+    traffic looks like); computed from the first request recorded, then again after every 16 sentences recorded.
+    """
 
     def __init__(self, n: int, window: int = 256, per_request: int = 16) -> None:
         self.n = n
@@ -134,13 +139,13 @@ class LengthBands:
         self._weights = np.zeros(window, dtype=np.int64)
         self._recorded = 0
         self._since = 0
-        self.boundaries: list[int] = []  # band k holds lengths in (boundaries[k-1], boundaries[k]]
+        self.boundaries: list[int] = []  # band k holds lengths in (boundaries[k-1], boundaries[k]], and on them k+1
 
     def record(self, lengths: Sequence[int], beam_size: int) -> None:
         step = max(1, -(-len(lengths) // self.per_request))
         for length in lengths[::step]:
             slot = self._recorded % len(self._lengths)
-            self._lengths[slot], self._weights[slot] = length, length * beam_size
+            self._lengths[slot], self._weights[slot] = length, batch_cost(length, 1, beam_size)
             self._recorded += 1
             self._since += 1
         if self._since >= 16 or len(self.boundaries) < self.n - 1:
@@ -151,8 +156,13 @@ class LengthBands:
             cuts = np.searchsorted(cumulative, cumulative[-1] * np.arange(1, self.n) / self.n)
             self.boundaries = [int(self._lengths[order[min(c, filled - 1)]]) for c in cuts]
 
-    def band(self, length: int) -> int:
-        return bisect.bisect_left(self.boundaries, length) if self.boundaries else 0
+    def bands(self, length: int) -> tuple[int, int]:
+        """The bands holding ``length``: one, or several when it sits on boundaries (a length carrying the work
+        of more than one band, e.g. every sentence as long as the others, is shared among them); before any
+        recording, every band."""
+        if not self.boundaries:
+            return 0, self.n - 1
+        return bisect.bisect_left(self.boundaries, length), bisect.bisect_right(self.boundaries, length)
 
 
 def _retrieve(task: asyncio.Future) -> None:

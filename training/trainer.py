@@ -80,13 +80,21 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _native_cpu_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU (a private torch check: False where it is missing)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def pick_amp(name: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype: on CUDA bf16 where supported (else fp16) for "auto"; on CPU fp32 unless "bf16" is asked
     (it needs a CPU with native bf16, e.g. AVX512-BF16 or AMX: 1.5-1.65x the fp32 steps per second on the 2-core
     AVX512-BF16 dev box; elsewhere it is emulated and slower). fp16 on CPU is ignored (no fast kernels)."""
     if device.type == "cpu":
         if name == "bf16":
-            if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            if not _native_cpu_bf16():
                 log.warning("train.amp=bf16 on a CPU without native bf16: expect it slower than fp32")
             return torch.bfloat16
         if name == "fp16":

@@ -370,9 +370,11 @@ def test_decode_loops_spread_requests_over_their_threads_and_answer_in_order() -
     requests = [[[100 * r + i] * (1 + (r + i) % 5) for i in range(1 + r % 4)] for r in range(24)]
 
     async def go(loops: DecodeLoops):
-        return await asyncio.gather(*(loops.translate(sources, DecodingOptions()) for sources in requests))
+        results = await asyncio.gather(*(loops.translate(sources, DecodingOptions()) for sources in requests))
+        return results, loops._dealt
 
-    results = run(go, engine, loops=2, metrics=metrics, max_wait_ms=0)
+    results, dealt = run(go, engine, loops=2, metrics=metrics, max_wait_ms=0)
+    assert dealt == [0, 0]  # every request's load taken back
     for sources, got in zip(requests, results, strict=True):
         assert texts(got) == [" ".join(map(str, s)) for s in sources]
     threads = {thread for _, thread in engine.threads}
@@ -392,6 +394,7 @@ def test_one_loop_failing_a_request_ends_its_sentences_in_the_other_loop() -> No
             await loops.translate([[BAD, 1, 2], [5] * 1000], DecodingOptions())  # one sentence per loop
         failed_at = len(engine.steps)
         await until(lambda: bool(engine.dropped))
+        assert loops._dealt == [0, 0]
         return failed_at
 
     failed_at = run(go, engine, loops=2, max_wait_ms=0)
@@ -414,7 +417,9 @@ def test_the_queue_limit_counts_every_loop() -> None:
         with pytest.raises(QueueFull, match="MT_QUEUE_SIZE=4"):
             await loops.translate([[6], [7]], DecodingOptions())  # each loop alone would have room for one more
         engine.hold.set()
-        return [texts(await b) for b in busy], texts(await waiting)
+        answered = [texts(await b) for b in busy], texts(await waiting)
+        assert loops._dealt == [0, 0]
+        return answered
 
     busy, waiting = run(go, engine, loops=2, queue_size=4, max_wait_ms=0)
     assert busy == [["1"], ["2"]] and waiting == ["3", "4", "5"]
@@ -449,15 +454,48 @@ def test_decode_loops_give_each_loop_a_band_of_source_lengths() -> None:
 
 def test_length_bands_split_the_recent_work_evenly() -> None:
     bands = LengthBands(3, window=56)  # 4 mixes
-    assert bands.band(5) == 0  # nothing recorded yet
-    mix = [10] * 8 + [20] * 4 + [40] * 2  # work (length x beam) 320 : 320 : 320
+    assert bands.bands(5) == (0, 2)  # nothing recorded yet: any band
+    mix = [10] * 8 + [20] * 4 + [40] * 2  # work ((length + 1) x beam) 352 : 336 : 328
     for _ in range(2):
         bands.record(mix, beam_size=4)
     assert bands.boundaries == [10, 20]
-    assert [bands.band(n) for n in (1, 10, 11, 20, 21, 400)] == [0, 0, 1, 1, 2, 2]
+    assert [bands.bands(n) for n in (1, 10, 11, 20, 21, 400)] == [(0, 0), (0, 1), (1, 1), (1, 2), (2, 2), (2, 2)]
     bands.record(list(range(1000, 2000)), beam_size=4)  # one huge request: 16 of its sentences recorded
     assert bands._recorded == 28 + 16
     assert bands.boundaries[0] >= 1000  # the recent work is mostly that request's: every caption is in band 0
     for _ in range(6):  # 84 more sentences push its samples out of the window (recomputed every 16)
         bands.record(mix, beam_size=4)
     assert bands.boundaries == [10, 20]
+
+
+def test_decode_loops_spread_overlapping_requests_of_one_band_and_of_equal_length() -> None:
+    """Requests dealt while the loops are busy spread over both loops though their lengths all fall in one band
+    (the load rule), and sentences all of one length are shared evenly (a length on a boundary is in both bands);
+    a request cancelled by its client gives its load back."""
+
+    def held_loads(warm_up: list[int], lengths: list[int]):
+        engine = FakeEngine()
+
+        async def go(loops: DecodeLoops):
+            await asyncio.gather(*(loops.translate([[7] * n], DecodingOptions()) for n in warm_up))
+            engine.hold.clear()
+            waiting = [asyncio.ensure_future(loops.translate([[8] * n], DecodingOptions())) for n in lengths]
+            await asyncio.sleep(0.05)
+            loads = list(loops._dealt)  # every request dealt, none answered
+            leaving = asyncio.ensure_future(loops.translate([[8] * 30], DecodingOptions()))
+            await asyncio.sleep(0.01)
+            leaving.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await leaving
+            engine.hold.set()
+            assert [texts(await w) for w in waiting] == [[" ".join(["8"] * n)] for n in lengths]
+            return loops.bands.boundaries, loads, list(loops._dealt)
+
+        return run(go, engine, loops=2, max_wait_ms=0)
+
+    boundaries, short, dealt = held_loads(list(range(1, 41)), [2] * 6 + [3] * 6 + [4] * 8)
+    assert boundaries[0] > 4 and dealt == [0, 0]  # the short sentences all fall in band 0
+    assert min(short) >= 0.3 * sum(short)  # yet loop 1 took a share of them
+    boundaries, equal, dealt = held_loads([9] * 32, [9] * 8)
+    assert boundaries == [9] and dealt == [0, 0]
+    assert equal[0] == equal[1] == 4 * (9 + 1) * 4
