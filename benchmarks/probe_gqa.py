@@ -2,7 +2,7 @@
 self-attention over a right-padded K/V cache shared between past and present, against the attention block the
 step graph has today (present = Concat(past, new), MatMul / Softmax / MatMul over a left-padded cache with a mask).
 
-    .venv/bin/python benchmarks/probe_gqa.py [--threads 1] [--rounds 300]
+    .venv/bin/python benchmarks/probe_gqa.py [--threads 1] [--rounds 300] [--export]
 
 For each case (rows N, each row's past length) it prints the largest difference of both blocks' outputs from a
 numpy reference (per row: its own past plus the new token), whether GQA wrote each row's new K at its own length
@@ -10,6 +10,11 @@ in the shared buffer, and the time of one call of each block (medians of interle
 is bound as both past and present (IO binding), so GQA appends in place; rows at different lengths need no left
 padding and no mask (``seqlens_k`` = each row's past length). Only the attention block is timed: the q/k/v
 projections, the beam reorder of the cache and the rest of the step are the same either way.
+
+``--export`` also checks that torch's dynamo exporter can emit the op: a module whose self-attention step
+(right-padded cache, per-row lengths) runs in torch eagerly and, under ``torch.onnx.export``, becomes
+``com.microsoft.GroupQueryAttention`` through ``torch.onnx.ops.symbolic_multi_out``; it prints the exported
+nodes and the largest difference between onnxruntime and torch at the export shapes and at other ones.
 """
 
 from __future__ import annotations
@@ -145,11 +150,89 @@ def case(sessions, n_rows: int, lengths: np.ndarray, rounds: int, rng: np.random
     )
 
 
+def export_check() -> None:
+    """Export a q/k/v projection + self-attention step whose attention is GQA in ONNX and torch ops eagerly."""
+    import torch  # only this check needs torch
+
+    def attend(q, k, v, past_k, past_v, lengths):  # torch: row r's past in [0, lengths[r]), the new K/V at lengths[r]
+        n, capacity = past_k.shape[0], past_k.shape[2]
+        rows = torch.arange(n)
+        present_k, present_v = past_k.clone(), past_v.clone()
+        present_k[rows, :, lengths] = k.view(n, H, DH)
+        present_v[rows, :, lengths] = v.view(n, H, DH)
+        scores = q.view(n, 1, H, DH).transpose(1, 2) @ present_k.transpose(2, 3) / DH**0.5  # (N, H, 1, M)
+        visible = torch.arange(capacity)[None, :] <= lengths[:, None]  # (N, M)
+        scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+        return (scores.softmax(-1) @ present_v).transpose(1, 2).reshape(n, 1, D), present_k, present_v
+
+    class Step(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv = torch.nn.Linear(D, 3 * D)
+
+        def forward(self, x, past_k, past_v, lengths):
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+            if not torch.onnx.is_in_onnx_export():
+                return attend(q, k, v, past_k, past_v, lengths)
+            seqlens, total = lengths.to(torch.int32), (lengths.max() + 1).to(torch.int32)
+            return torch.onnx.ops.symbolic_multi_out(
+                "com.microsoft::GroupQueryAttention",
+                (q, k, v, past_k, past_v, seqlens, total),
+                {"num_heads": H, "kv_num_heads": H},
+                dtypes=(q.dtype, past_k.dtype, past_v.dtype),
+                shapes=(q.shape, past_k.shape, past_v.shape),
+                version=1,
+            )
+
+    torch.manual_seed(0)
+    module = Step().eval()
+
+    def inputs(n_rows: int, capacity: int, lengths: list[int]) -> tuple:
+        return (
+            torch.randn(n_rows, 1, D),
+            torch.randn(n_rows, H, capacity, DH),
+            torch.randn(n_rows, H, capacity, DH),
+            torch.tensor(lengths),
+        )
+
+    rows, capacity = torch.export.Dim("rows"), torch.export.Dim("capacity")
+    program = torch.onnx.export(
+        module,
+        inputs(6, 16, [0, 3, 7, 2, 10, 5]),
+        dynamo=True,
+        dynamic_shapes={
+            "x": {0: rows},
+            "past_k": {0: rows, 2: capacity},
+            "past_v": {0: rows, 2: capacity},
+            "lengths": {0: rows},
+        },
+        input_names=["x", "past_k", "past_v", "lengths"],
+        output_names=["out", "present_k", "present_v"],
+        opset_version=18,
+        verbose=False,
+    )
+    print("exported nodes:", [node.op_type for node in program.model.graph])
+    session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    for n_rows, cap, lengths in ((6, 16, [0, 3, 7, 2, 10, 5]), (3, 40, [30, 0, 12])):
+        args = inputs(n_rows, cap, lengths)
+        with torch.no_grad():
+            expected = module(*args)
+        feeds = dict(zip(["x", "past_k", "past_v", "lengths"], (a.numpy() for a in args), strict=True))
+        got = session.run(None, feeds)
+        diff = float(np.abs(got[0] - expected[0].numpy()).max())
+        present = expected[1].numpy()
+        kept = all(np.allclose(got[1][r, :, : n + 1], present[r, :, : n + 1], atol=1e-6) for r, n in enumerate(lengths))
+        print(f"rows {n_rows}, capacity {cap}: onnxruntime vs torch {diff:.1e}; each row's present K equal: {kept}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
     parser.add_argument("--rounds", type=int, default=300)
+    parser.add_argument("--export", action="store_true", help="also check that torch's exporter emits the op")
     args = parser.parse_args()
+    if args.export:
+        export_check()
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
     sessions = [
