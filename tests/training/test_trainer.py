@@ -279,6 +279,17 @@ def test_bf16_autocast_trains_on_cpu(toy_dir: Path, tmp_path: Path) -> None:
     assert any(not torch.equal(fp32[k], bf16[k]) for k in fp32)
 
 
+def test_a_bf16_run_resumes_bit_exact(toy_dir: Path, tmp_path: Path) -> None:
+    """Stopped at step 20 and resumed, a bf16 run on CPU ends where the straight run does, bit for bit."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert mt_train(toy_args(toy_dir, straight, "train.max_steps=40", "train.amp=bf16", *SAMPLED)) == 0
+    assert mt_train(toy_args(toy_dir, resumed, "train.max_steps=20", "train.amp=bf16", *SAMPLED)) == 0
+    assert mt_train(toy_args(toy_dir, resumed, "train.max_steps=40", "train.amp=bf16", *SAMPLED) + ["--resume"]) == 0
+    assert_same_training_state(
+        straight / "checkpoints" / "step_0000040.pt", resumed / "checkpoints" / "step_0000040.pt"
+    )
+
+
 def test_ddp_two_ranks_equal_one_process_with_accumulation_two(toy_dir: Path, tmp_path: Path) -> None:
     """Rank r of 2 takes batches r, r + 2, ...; one process with accum_steps 2 takes the same two batches per
     step, and both normalise by the step's total target tokens, so they must compute the same gradients.
