@@ -28,6 +28,23 @@ DecoderCache = tuple[KV, ...]  # one self-attention KV per decoder layer
 CrossKV = tuple[KV, ...]  # one cross-attention KV per decoder layer, computed once from memory
 
 
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """Inverted dropout: each element kept with probability 1 - p and scaled by 1 / (1 - p), in training only.
+
+    On CPU the keep mask comes from ``torch.rand`` (vectorised) instead of ``F.dropout``'s Bernoulli draws:
+    forward and backward of a (150, 20, 1024) activation took 13.1 ms against 36.4 ms (fp32; bf16 10.8 vs 30.8,
+    2 threads), and ``F.dropout`` was 31% of a training step of the bundled recipe on this CPU (py-spy); mt-train
+    on Multi30k went from 2,660-3,140 to 3,525-4,186 target tokens/s in bf16 (fp32: 2,242-2,333 -> 2,317-2,641). Same
+    distribution, another use of the generator: runs are reproducible and resume exactly, but draw other masks
+    than ``F.dropout`` would. On CUDA the fused ``F.dropout`` stays."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, True)
+    scale = torch.rand(x.shape, dtype=torch.float32).ge_(p).to(x.dtype).mul_(1.0 / (1.0 - p))  # 0 or 1 / (1 - p)
+    return x * scale
+
+
 def sinusoidal_table(max_positions: int, d_model: int, layout: str = "interleaved") -> Tensor:
     """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...), as in section 3.5 ("interleaved");
     "halves" puts the same sines in the first half of the vector and the cosines in the second (Marian)."""
@@ -88,7 +105,7 @@ class MultiHeadAttention(nn.Module):
         scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (N, H, T, S)
         scores = scores.masked_fill(mask, torch.finfo(scores.dtype).min)
         weights = torch.softmax(scores, dim=-1)
-        context = torch.matmul(F.dropout(weights, self.dropout, self.training), v)  # (N, H, T, Dh)
+        context = torch.matmul(dropout(weights, self.dropout, self.training), v)  # (N, H, T, Dh)
         n, _, t, _ = context.shape
         context = context.transpose(1, 2).reshape(n, t, self.n_heads * self.head_dim)  # (N, T, D)
         return self.out_proj(context), weights
@@ -120,7 +137,7 @@ class FeedForward(nn.Module):
         self.act = ACTIVATIONS[activation]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.dropout(self.act(self.w1(x)), self.activation_dropout, self.training))
+        return self.w2(dropout(self.act(self.w1(x)), self.activation_dropout, self.training))
 
 
 class SubLayer(nn.Module):
@@ -129,14 +146,14 @@ class SubLayer(nn.Module):
     def __init__(self, d_model: int, dropout: float, pre_norm: bool) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout
         self.pre_norm = pre_norm
 
     def inp(self, x: Tensor) -> Tensor:
         return self.norm(x) if self.pre_norm else x
 
     def out(self, x: Tensor, sublayer_out: Tensor) -> Tensor:
-        y = x + self.dropout(sublayer_out)
+        y = x + dropout(sublayer_out, self.dropout, self.training)
         return y if self.pre_norm else self.norm(y)
 
 
@@ -191,7 +208,7 @@ class Transformer(nn.Module):
         self.register_buffer("pe", sinusoidal_table(cfg.max_positions, cfg.d_model, cfg.positions), persistent=False)
         self.logits_bias = nn.Parameter(torch.zeros(cfg.vocab_size)) if cfg.logits_bias else None
         self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
-        self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.embed_dropout = cfg.dropout
         self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_encoder_layers))
         self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_decoder_layers))
         # Pre-norm stacks leave the residual stream un-normalised: a final LayerNorm closes each stack.
@@ -217,7 +234,7 @@ class Transformer(nn.Module):
         """tokens (N, T), positions (T,) or (N, T) → (N, T, D): scaled embedding + sinusoid, then dropout."""
         table = self.tgt_embed if (target and self.tgt_embed is not None) else self.embed
         x = table(tokens) * self.embed_scale + self.pe[positions]
-        return self.embed_dropout(x)
+        return dropout(x, self.embed_dropout, self.training)
 
     def encode(self, src_ids: Tensor, src_pad_mask: Tensor) -> Tensor:
         """src_ids (B, S), src_pad_mask (B, S) True at padding → memory (B, S, D)."""
