@@ -90,7 +90,7 @@ def _native_cpu_bf16() -> bool:
 
 def pick_amp(name: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype: on CUDA bf16 where supported (else fp16) for "auto"; on CPU fp32 unless "bf16" is asked
-    (it needs a CPU with native bf16, e.g. AVX512-BF16 or AMX: 1.24x the fp32 steps per second of mt-train on the
+    (it needs a CPU with native bf16, e.g. AVX512-BF16 or AMX: ~1.5x the fp32 steps per second of mt-train on the
     2-core AVX512-BF16 dev box; elsewhere it is emulated and slower). fp16 on CPU is ignored (no fast kernels)."""
     if device.type == "cpu":
         if name == "bf16":
