@@ -13,8 +13,9 @@ past fills the last ``position`` of the P slots and the slots before are masked 
 Every call appends one slot to every row, so the alignment holds; slots masked on every row (the oldest
 sentence retired) are cut off, as are source columns that are padding on every row. The cross-attention
 K/V are held once per live sentence; a call whose rows come in equal blocks per sentence (the usual case:
-every sentence at the service's beam size, no newcomer on its first row) feeds them so, its beams sharing
-them (the step graph's ``sentences`` axis), any other call one per row.
+every sentence at the service's beam size) feeds them so, its beams sharing them (the step graph's
+``sentences`` axis). A newcomer's single first row among the beams is padded to a block (rows copying it,
+whose outputs are dropped) when that adds at most a quarter of the rows; any other call feeds one per row.
 """
 
 from __future__ import annotations
@@ -71,6 +72,13 @@ class Admitted(NamedTuple):
     src_pad_mask: np.ndarray  # (B, S) bool, True = padding
 
 
+class PaddedBlocks(NamedTuple):
+    """A call's rows padded to equal blocks per sentence (see :meth:`OrtRowStep._padded_blocks`)."""
+
+    source: np.ndarray  # (N',) the row each fed row copies (its own, or its sentence's first row for padding)
+    rows: np.ndarray  # (N,) the fed row of each row
+
+
 class OrtRowStep:
     """A decoder step whose rows may sit at different positions; rows are added and dropped between calls.
 
@@ -115,24 +123,37 @@ class OrtRowStep:
             raise ValueError(
                 f"the decoder graph returns at most {MAX_CANDIDATES} candidates per row, {k} asked: use a smaller beam"
             )
-        self._settle_past(0 if admitted is None else admitted.src_ids.shape[0])
+        n_new = 0 if admitted is None else admitted.src_ids.shape[0]
+        padded = self._padded_blocks(n_new)
+        self._settle_past(n_new, padded)
         if admitted is not None:
             self._add(admitted)
         n_rows = self.n_rows
         if tokens.shape != (n_rows,) or positions.shape != (n_rows,):
             raise ValueError(f"{tokens.shape[0]} tokens and {positions.shape[0]} positions for {n_rows} rows")
-        cross, src_mask = self._cross_feed()
+        tokens = np.asarray(tokens, dtype=np.int64)
+        positions = np.asarray(positions, dtype=np.int64)
+        self_mask = self.self_mask
+        if padded is None:
+            cross, src_mask = self._cross_feed()
+        else:  # each sentence's rows padded to a block of G: the cross K/V once per sentence
+            tokens, positions, self_mask = tokens[padded.source], positions[padded.source], self_mask[padded.source]
+            cross, src_mask = self.cross, self.src_mask
         feeds = {
-            "tokens": np.asarray(tokens, dtype=np.int64)[:, None],  # (N, 1)
-            "positions": np.asarray(positions, dtype=np.int64)[:, None],  # (N, 1)
+            "tokens": tokens[:, None],  # (N, 1)
+            "positions": positions[:, None],  # (N, 1)
             "top_k": np.zeros(min(k, self.model.config.vocab_size), dtype=np.int64),  # (k,)
             "src_pad_mask": src_mask,  # (M, S) per sentence, or (N, S) per row
-            "self_pad_mask": self.self_mask,  # (N, P)
+            "self_pad_mask": self_mask,  # (N, P)
         }
         feeds.update(zip(self.model.past_names, self.past, strict=True))
         feeds.update(zip(self.model.cross_names, cross, strict=True))
         scores, ids, eos, cross_attn, *self.past = self.model.decoder.run(None, feeds)
         self.self_mask = np.concatenate([self.self_mask, np.zeros((n_rows, 1), dtype=bool)], axis=1)  # (N, P+1)
+        if padded is not None:  # back to one row per row; the padding rows' K/V are dropped by the next gather
+            rows = padded.rows
+            scores, ids, eos, cross_attn = scores[rows], ids[rows], eos[rows], cross_attn[rows]
+            self._reorder = rows
         return StepOutput(scores, ids, eos, cross_attn)
 
     def keep(self, reorder: np.ndarray) -> None:
@@ -165,12 +186,40 @@ class OrtRowStep:
             self.src_mask = self.src_mask[index, :width]
             self.sentences = order
 
-    def _settle_past(self, n_new: int) -> None:
+    def _padded_blocks(self, n_new: int) -> PaddedBlocks | None:
+        """The rows of the next call (the kept ones, then one per newcomer) laid out in equal blocks of G per
+        sentence, padding rows copying their sentence's first row, when that pays: the cross K/V then go in once
+        per sentence (its rows read them as one block) instead of once per row (a gather of every row's cross
+        K/V, and G reads of each in the graph). A newcomer's first row is what breaks the blocks: it has one row
+        where the others have their beams. None when the rows already come in blocks, when a sentence's rows are
+        not side by side in the order of the cross K/V entries, or when padding would add over a quarter of
+        the rows."""
+        ids = np.arange(self.next_sentence, self.next_sentence + n_new)
+        row_sentence = np.concatenate([self.row_sentence, ids])
+        n = row_sentence.size
+        if n == 0:
+            return None
+        starts = np.flatnonzero(np.r_[True, row_sentence[1:] != row_sentence[:-1]])  # first row of each run
+        runs = np.diff(np.r_[starts, n])  # rows per run
+        size = int(runs.max())
+        extra = size * runs.size - n
+        if extra == 0 or 4 * extra > n or not np.array_equal(row_sentence[starts], np.r_[self.sentences, ids]):
+            return None
+        offset = np.arange(size)  # (G,)
+        source = np.where(offset < runs[:, None], starts[:, None] + offset, starts[:, None])  # (sentences, G)
+        rows = np.repeat(np.arange(runs.size) * size, runs) + np.arange(n) - np.repeat(starts, runs)  # (n,)
+        return PaddedBlocks(source.reshape(-1), rows)
+
+    def _settle_past(self, n_new: int, padded: PaddedBlocks | None = None) -> None:
         """Apply the kept rows and cut slots to the past K/V, with ``n_new`` rows of zeros after them for the
-        newcomers: one gather into contiguous buffers (none when nothing changed)."""
-        if self._reorder is None and not self._cut and not n_new:
+        newcomers (``padded``: in the call's padded blocks, each newcomer's block zeros): one gather into
+        contiguous buffers (none when nothing changed)."""
+        if self._reorder is None and not self._cut and not n_new and padded is None:
             return
         index = np.arange(self.past[0].shape[0]) if self._reorder is None else self._reorder
+        if padded is not None:
+            old = padded.source[padded.source < index.size]  # the kept rows' physical rows come first
+            index, n_new = index[old], padded.source.size - old.size
         self.past = self.rows.many("past", [kv[:, :, self._cut :] for kv in self.past], index, zeros=n_new)
         self._reorder, self._cut = None, 0
 

@@ -182,7 +182,9 @@ def test_beams_share_their_sentences_cross_kv_when_the_rows_come_in_blocks(
     ort_model: OrtModel, sources: list[list[int]]
 ) -> None:
     """Every sentence at beam 4: after the first step the rows come in blocks of 4, so the calls feed one cross
-    K/V entry per sentence (rows = 4 x entries); newcomers' first rows make a call feed one per row."""
+    K/V entry per sentence (rows = 4 x entries). A newcomer's first row among them is padded to a block of 4
+    (the call feeds 4 rows more per entry than it decodes, less than a quarter more); many newcomers at once
+    (6 first rows among 24) make the call feed one entry per row instead."""
     fed: list[tuple[int, int]] = []  # (rows, cross entries) of each call
 
     class Recording:
@@ -199,21 +201,25 @@ def test_beams_share_their_sentences_cross_kv_when_the_rows_come_in_blocks(
     step.model.decoder = Recording(ort_model.decoder)
     batch = ContinuousBatch(step, ort_model.config)
     options = DecodingOptions(beam_size=4)
-    chosen = sources[:12]
+    chosen = sources[:13]
     results = {}
     for i in range(6):
         batch.admit(i, chosen[i], options)
-    calls = 0
+    calls, live = 0, []
     while not batch.idle:
         if calls == 3:  # newcomers join a running batch
             for i in range(6, 12):
                 batch.admit(i, chosen[i], options)
+        if calls == 5:  # one newcomer
+            batch.admit(12, chosen[12], options)
+        live.append(batch.live_sentences)
         results.update(batch.step())
         calls += 1
     shared = [(rows, entries) for rows, entries in fed if entries < rows]
     assert len(shared) >= len(fed) // 2 and all(rows == 4 * entries for rows, entries in shared)
     assert fed[0] == (6, 6)  # one BOS row per sentence: blocks of one
-    assert fed[3][0] == fed[3][1] > 6 + 6  # newcomers' first rows among beams: one entry per row
+    assert fed[3][0] == fed[3][1] > 6 + 6  # six newcomers' first rows among beams: one entry per row
+    assert fed[5] == (4 * (live[5] + 1), live[5] + 1)  # one newcomer's first row padded to a block of 4
     for i, src in enumerate(chosen):
         alone = decode_alone(ort_model, src, options)
         assert [h.tokens for h in results[i]] == [h.tokens for h in alone]
