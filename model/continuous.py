@@ -29,7 +29,7 @@ import numpy as np
 
 from model.config import ModelConfig
 from model.decoding import DecodingOptions
-from model.runtime import OrtModel, RowGather, resize_cache
+from model.runtime import OrtModel, RowGather
 from model.search import Hypothesis, SearchBatch, StepOutput, is_identity, sentence_blocks
 from model.signature import CAPACITY_STEP, MAX_CANDIDATES
 from model.tokenizer import pad_sources
@@ -208,16 +208,14 @@ class OrtRowStep:
         capacity = self.capacity
         if capacity < needed or capacity > needed + 2 * CAPACITY_STEP:
             capacity = needed + CAPACITY_STEP - 1
-        if self._reorder is None and not n_new and padded is None:
-            if capacity != self.capacity:
-                self.past = resize_cache(self.past, capacity)
+        if self._reorder is None and not n_new and padded is None and capacity == self.capacity:
             return
-        index = np.arange(self.past[0].shape[0]) if self._reorder is None else self._reorder
+        index = self._reorder
         if padded is not None:
+            index = np.arange(self.past[0].shape[0]) if index is None else index
             old = padded.source[padded.source < index.size]  # the kept rows' physical rows come first
             index, n_new = index[old], padded.source.size - old.size
-        source = self.past if capacity >= self.capacity else [kv[:, :, :capacity] for kv in self.past]
-        self.past = resize_cache(self.rows.many("past", source, index, zeros=n_new), capacity)
+        self.past = self.rows.many("past", self.past, index, zeros=n_new, capacity=capacity)
         self._reorder = None
 
     def _entries(self, ids: np.ndarray) -> np.ndarray:

@@ -39,7 +39,7 @@ MAX_CANDIDATES = 64
 # Slots added to a right-padded cache buffer when a step finds it full (the step functions, ONNX and torch).
 # Every gather of the cache (the beam reorder) copies the whole buffer, so a larger step copies more slots
 # that no row uses yet; a smaller one grows the buffer (one more copy) more often.
-CAPACITY_STEP = 8
+CAPACITY_STEP = 4
 
 # Variant → (encoder file, decoder file, cache dtype) inside MODEL_DIR/onnx/.
 VARIANTS: dict[str, tuple[str, str, str]] = {
