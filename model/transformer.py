@@ -6,10 +6,14 @@ One forward contract serves training, export and the parity tests:
 - ``decode_step(tokens, positions, memory_or_cross_kv, src_pad_mask, cache)
   -> (log_probs, new_cache, cross_attn)``
 
-Training runs ``decode_step`` over the whole target with an empty cache (the causal mask does the rest);
-incremental decoding feeds one token at a time and threads the cache through. The cache is a plain value
-(per layer the self-attention K/V, each (N, H, T, Dh)), never state hidden in modules, so a beam reorder
-is an index gather (``reorder_cache``). Mask convention everywhere: ``True`` = padding / not allowed.
+- ``step(tokens, positions, cross_kv, src_pad_mask, cache) -> (log_probs, present, cross_attn)``
+
+Training runs ``decode_step`` over the whole target with an empty cache (the causal mask does the rest).
+Incremental decoding (the exported step graph, the torch step function) runs ``step``: one token per row,
+each row at its own position, over a right-padded cache of per-layer K/V buffers (N, H, C, Dh) whose slot
+``position`` the step fills; its self-attention exports as onnxruntime's GroupQueryAttention. Both give the
+same values (the parity tests). The cache is a plain value, never state hidden in modules, so a beam
+reorder is an index gather (``reorder_cache``). Mask convention everywhere: ``True`` = padding / not allowed.
 """
 
 from __future__ import annotations
@@ -313,19 +317,17 @@ class Transformer(nn.Module):
         memory_or_cross_kv: Tensor | CrossKV,
         src_pad_mask: Tensor,
         cache: DecoderCache | None = None,
-        self_pad_mask: Tensor | None = None,
     ) -> tuple[Tensor, DecoderCache, Tensor]:
-        """Run the decoder over ``tokens`` (N, T) that follow ``cache`` (past length P).
+        """Run the decoder over ``tokens`` (N, T) that follow ``cache`` (past length P): training, and the
+        reference that :meth:`step` (one token per row over a right-padded cache, the exported step) must match.
 
-        positions: (T,) absolute positions of ``tokens`` (P .. P+T-1), or (N, T), one row each, for rows at
-        different decoding positions. ``self_pad_mask`` (N, P+T), True at cache slots a row must not attend
-        to (a padded cache shared by rows of different lengths); None: every slot is the row's own.
+        positions: (T,) absolute positions of ``tokens`` (P .. P+T-1), or (N, T), one row each.
         ``memory_or_cross_kv`` and ``src_pad_mask`` (B, S) may hold one entry per sentence for N = B x G rows
         that come in blocks of G per sentence (beams sharing their sentence's cross-attention K/V).
         Returns log-probs (N, T, V), the new cache (past length P+T) and the alignment layer's
         cross-attention averaged over heads (N, T, S).
         """
-        return self._decode(tokens, positions, memory_or_cross_kv, src_pad_mask, cache, True, self_pad_mask)
+        return self._decode(tokens, positions, memory_or_cross_kv, src_pad_mask, cache, True)
 
     def _decode(
         self,
@@ -335,7 +337,6 @@ class Transformer(nn.Module):
         src_pad_mask: Tensor,
         cache: DecoderCache | None,
         log_probs: bool,
-        self_pad_mask: Tensor | None = None,
     ) -> tuple[Tensor, DecoderCache, Tensor]:
         n, t = tokens.shape
         if cache is None:
@@ -346,8 +347,6 @@ class Transformer(nn.Module):
         key_pos = torch.arange(past_len + t, device=tokens.device)
         query_pos = torch.arange(t, device=tokens.device) + past_len
         self_mask = key_pos[None, :] > query_pos[:, None]  # (T, P+T), True = future
-        if self_pad_mask is not None:
-            self_mask = self_mask[None, None] | self_pad_mask[:, None, None, :]  # (N, 1, T, P+T)
         cross_mask = src_pad_mask[:, None, None, :]  # (B, 1, 1, S): per sentence, as the cross K/V
         x = self.embed_tokens(tokens, positions, target=True)
         new_cache: list[KV] = []
