@@ -1,10 +1,10 @@
-"""What continuous batching's padded per-row cache costs against a static batch (ORT fp32, CPU, one run).
+"""What continuous batching's rows at different positions cost against a static batch (ORT fp32, CPU, one run).
 
     .venv/bin/python benchmarks/bench_continuous.py --model-dir models/multi30k-de-en
 
-1. The decoder step alone, N rows: a static batch (every row at position P, nothing masked) against the
-   same shapes with rows at positions spread over 1..P (left-padded cache, ``self_pad_mask``): the mask's
-   own cost. Then those spread rows against a static batch at their mean length: the padding's cost.
+1. The decoder step alone, N rows: a static batch (every row at position P) against the same rows at
+   positions spread over 1..P in the same right-padded cache (each row attends to its own slots only), and
+   a static batch at their mean position: what rows at mixed positions cost in one call.
 2. End to end, beam 4: the same sentences as static batches of --batch-size in arrival order
    (``beam_search``) and as one continuous batch holding at most --batch-size sentences, admitting the
    next as one retires (``ContinuousBatch``): wall time, decoder calls, rows per call, identical outputs.
@@ -39,41 +39,37 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def time_step(model: OrtModel, positions: np.ndarray, past_len: int, repeat: int) -> float:
-    """Median ms of one decoder call; row i sees its last ``positions[i]`` of ``past_len`` cache slots."""
+def time_step(model: OrtModel, positions: np.ndarray, repeat: int) -> float:
+    """Median ms of one decoder call, row i at ``positions[i]`` (its past in the first slots of the cache)."""
     cfg, rng = model.config, np.random.default_rng(0)
     n, src_len = positions.size, 20
-    kv = (n, cfg.n_heads, past_len, cfg.head_dim)
     feeds = {
         "tokens": rng.integers(4, cfg.vocab_size, (n, 1)),
         "positions": positions[:, None].astype(np.int64),
         "top_k": np.zeros(11, dtype=np.int64),
         "src_pad_mask": np.zeros((n, src_len), dtype=bool),
-        "self_pad_mask": np.arange(past_len)[None, :] < (past_len - positions)[:, None],  # (N, P) leading slots
     }
-    feeds.update({name: rng.standard_normal(kv).astype(np.float32) for name in model.past_names})
+    kv = (n, cfg.n_heads, int(positions.max()) + 1, cfg.head_dim)  # room for each row's next slot
+    past = [rng.standard_normal(kv).astype(np.float32) for _ in model.past_names]
     cross = (n, cfg.n_heads, src_len, cfg.head_dim)
-    feeds.update({name: rng.standard_normal(cross).astype(np.float32) for name in model.cross_names})
+    cross_kv = [rng.standard_normal(cross).astype(np.float32) for _ in model.cross_names]
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
-        model.decoder.run(None, feeds)
+        model.run_step(dict(feeds), past, cross_kv)
         times.append(time.perf_counter() - start)
     return 1000 * float(np.median(times))
 
 
 def step_costs(model: OrtModel, rows: int, repeat: int) -> None:
     print(f"decoder step, {rows} rows, median ms per call")
-    print(f"{'P':>4} {'static P':>9} {'spread 1..P':>12} {'mask cost':>10} {'static P/2':>11} {'padding cost':>13}")
+    print(f"{'P':>4} {'static P':>9} {'spread 1..P':>12} {'vs static P':>12} {'static mean':>12} {'vs mean':>8}")
     for past in (8, 16, 32, 64):
         spread = np.linspace(1, past, rows).round().astype(np.int64)
-        static = time_step(model, np.full(rows, past), past, repeat)
-        padded = time_step(model, spread, past, repeat)
-        mean = int(spread.mean().round())
-        half = time_step(model, np.full(rows, mean), mean, repeat)
-        print(
-            f"{past:>4} {static:>9.3f} {padded:>12.3f} {padded / static:>9.2f}x {half:>11.3f} {padded / half:>12.2f}x"
-        )
+        static = time_step(model, np.full(rows, past), repeat)
+        mixed = time_step(model, spread, repeat)
+        mean = time_step(model, np.full(rows, int(spread.mean().round())), repeat)
+        print(f"{past:>4} {static:>9.3f} {mixed:>12.3f} {mixed / static:>11.2f}x {mean:>12.3f} {mixed / mean:>7.2f}x")
 
 
 def end_to_end(model: OrtModel, sources: list[list[int]], batch_size: int) -> None:

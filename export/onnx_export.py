@@ -12,7 +12,7 @@
 
 Why the dynamo exporter: in torch 2.13 it is the default and the legacy TorchScript one is deprecated;
 with ``dynamic_shapes`` it keeps our axis names in the graph and derives output axes symbolically
-(``past_len + 1``) instead of inventing names per output, and it needs no patches to this network.
+(the cache's ``capacity``) instead of inventing names per output, and it needs no patches to this network.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ FOLD_LIMIT = 1 << 28  # elements: constant-fold weight concatenations of any mod
 
 # Sizes of the tracing example: each at least 2 and all different, so torch.export neither specializes
 # an axis to 0/1 nor merges two axes that happen to be equal. Validation runs at other sizes.
-EXAMPLE_SIZES = {"batch": 3, "src_len": 7, "rows": 6, "sentences": 2, "past_len": 5, "k": 9}  # rows = 3 x sentences
+EXAMPLE_SIZES = {"batch": 3, "src_len": 7, "rows": 6, "sentences": 2, "capacity": 5, "k": 9}  # rows = 3 x sentences
 
 
 class ExportError(RuntimeError):
@@ -55,8 +55,8 @@ def example_inputs(signature: GraphSignature, model: Transformer, dtype: torch.d
     out: list[Tensor] = []
     for spec in signature.inputs:
         shape = tuple(EXAMPLE_SIZES[a] if isinstance(a, str) else a for a in spec.axes)
-        if spec.name == "positions":
-            out.append(torch.full(shape, EXAMPLE_SIZES["past_len"], dtype=torch.int64))
+        if spec.name == "positions":  # rows at different positions, each inside the cache's capacity
+            out.append(torch.arange(shape[0], dtype=torch.int64)[:, None] % EXAMPLE_SIZES["capacity"])
         elif spec.name == "top_k":
             out.append(torch.zeros(shape, dtype=torch.int64))
         elif spec.dtype == "int64":

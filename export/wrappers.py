@@ -36,13 +36,13 @@ class EncoderGraph(nn.Module):
 class DecoderStepGraph(nn.Module):
     """One decoder step that returns each row's best candidates, not the vocabulary-wide table.
 
-    Inputs: tokens (N, 1), positions (N, 1) (each row's own decoding position), top_k (k,) (only its length
-    is read: the number of candidates per row), src_pad_mask (N, S), self_pad_mask (N, P) (True at cache
-    slots the row must not see: a padded cache shared by rows of different lengths), then the past K/V of
-    every layer (N, H, P, Dh) and the cross K/V of every layer (N, H, S, Dh). The caller reorders the past
-    (beam search) before the call, and only when the order changes.
-    Outputs: scores (N, k) and ids (N, k) (log-softmax top-k, best first), eos_log_probs (N,),
-    cross_attn (N, S) float32, present K/V of every layer (N, H, P+1, Dh).
+    Inputs: tokens (N, 1), positions (N, 1) (each row's own decoding position and past length), top_k (k,)
+    (only its length is read: the number of candidates per row), src_pad_mask (B, S), then the past K/V of
+    every layer (N, H, C, Dh), right-padded (row r's past in slots [0, positions[r])), and the cross K/V of
+    every layer (B, H, S, Dh). The caller reorders the past (beam search) before the call, and only when the
+    order changes. Outputs: scores (N, k) and ids (N, k) (log-softmax top-k, best first), eos_log_probs (N,),
+    cross_attn (N, S) float32, present K/V of every layer (N, H, C, Dh): the past with each row's new K/V at
+    its position (``Transformer.step``).
     """
 
     def __init__(self, model: Transformer) -> None:
@@ -51,19 +51,11 @@ class DecoderStepGraph(nn.Module):
         self.n_layers = model.config.n_decoder_layers
 
     def forward(
-        self,
-        tokens: Tensor,
-        positions: Tensor,
-        top_k: Tensor,
-        src_pad_mask: Tensor,
-        self_pad_mask: Tensor,
-        *caches: Tensor,
+        self, tokens: Tensor, positions: Tensor, top_k: Tensor, src_pad_mask: Tensor, *caches: Tensor
     ) -> tuple[Tensor, ...]:
-        past = pair_kv(caches[: 2 * self.n_layers])  # (N, H, P, Dh) each
+        past = pair_kv(caches[: 2 * self.n_layers])  # (N, H, C, Dh) each
         cross = pair_kv(caches[2 * self.n_layers :])
-        own = torch.zeros_like(tokens, dtype=torch.bool)  # (N, 1): the new token's own slot is always visible
-        self_mask = torch.cat([self_pad_mask, own], dim=1)  # (N, P+1)
-        log_probs, present, attn = self.model.decode_step(tokens, positions, cross, src_pad_mask, past, self_mask)
+        log_probs, present, attn = self.model.step(tokens, positions, cross, src_pad_mask, past)
         # log_probs are float32 already (the network upcasts before log-softmax); so is the attention here.
         # squeeze, not [:, 0]: a select exports as a Gather that copies the (N, V) table; Squeeze is free.
         scores, ids, eos = best_candidates(log_probs.squeeze(1), top_k.shape[0], self.model.config.eos_id)

@@ -8,14 +8,16 @@ before the next call. A sentence's hypotheses do not depend on what shares its s
 summation order: fp32 scores agree to ~1e-6 with the sentence decoded alone).
 
 :class:`OrtRowStep` is the step side over an :class:`OrtModel`'s fp32/int8/fp16 graphs on host buffers.
-Rows at different positions share one call through a *left-padded* self-attention cache: each row's
-past fills the last ``position`` of the P slots and the slots before are masked (``self_pad_mask`` True).
-Every call appends one slot to every row, so the alignment holds; slots masked on every row (the oldest
-sentence retired) are cut off, as are source columns that are padding on every row. The cross-attention
-K/V are held once per live sentence; a call whose rows come in equal blocks per sentence (the usual case:
-every sentence at the service's beam size) feeds them so, its beams sharing them (the step graph's
-``sentences`` axis). A newcomer's single first row among the beams is padded to a block (rows copying it,
-whose outputs are dropped) when that adds at most a quarter of the rows; any other call feeds one per row.
+Rows at different positions share one call through the step graph's right-padded self-attention cache: row r's
+past fills slots [0, position) of its buffer row and the call writes its new K/V at slot ``position`` in
+place (``OrtModel.run_step``); each row attends to its own slots only, so no mask and no padding of the pasts
+to a common length. The buffers are as wide as the oldest row needs (plus ``CAPACITY_STEP`` slots of room),
+and are gathered once per call when rows change (kept, retired, admitted). Source columns that are padding on
+every row are cut off the cross K/V. The cross-attention K/V are held once per live sentence; a call whose
+rows come in equal blocks per sentence (the usual case: every sentence at the service's beam size) feeds
+them so, its beams sharing them (the step graph's ``sentences`` axis). A newcomer's single first row among
+the beams is padded to a block (rows copying it, whose outputs are dropped) when that adds at most a quarter
+of the rows; any other call feeds one per row.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from model.config import ModelConfig
 from model.decoding import DecodingOptions
 from model.runtime import OrtModel, RowGather
 from model.search import Hypothesis, SearchBatch, StepOutput, is_identity, sentence_blocks
-from model.signature import MAX_CANDIDATES
+from model.signature import CAPACITY_STEP, MAX_CANDIDATES
 from model.tokenizer import pad_sources
 
 log = logging.getLogger(__name__)
@@ -96,8 +98,7 @@ class OrtRowStep:
     def __init__(self, model: OrtModel) -> None:
         self.model = model
         cfg = model.config
-        self.past = model.empty_cache(0)  # each (N, H, P, Dh)
-        self.self_mask = np.zeros((0, 0), dtype=bool)  # (N, P) True = a slot the row must not see
+        self.past = model.empty_cache(0)  # each (N, H, C, Dh), right-padded
         self.cross = [np.zeros((0, cfg.n_heads, 0, cfg.head_dim), model.cache_dtype) for _ in model.cross_names]
         self.src_mask = np.zeros((0, 0), dtype=bool)  # (M, S) for the M live sentences
         self.sentences = np.zeros(0, dtype=np.int64)  # (M,) the sentence id of each cross K/V entry
@@ -107,7 +108,6 @@ class OrtRowStep:
         # What keep() asked of the past and the next call applies, in the gather that also makes room for the
         # newcomers (one copy of the cache per call, not one per keep plus one per admission):
         self._reorder: np.ndarray | None = None  # the rows of ``past`` that continue, in order (None: all of them)
-        self._cut = 0  # leading slots of ``past`` that no row sees any more
         self._per_row: tuple[np.ndarray, list[np.ndarray], np.ndarray] | None = None  # (row_sentence, cross, mask)
 
     @property
@@ -115,8 +115,9 @@ class OrtRowStep:
         return self.row_sentence.size
 
     @property
-    def past_len(self) -> int:
-        return self.self_mask.shape[1]
+    def capacity(self) -> int:
+        """Cache slots per row (the oldest row's past and room for the next steps)."""
+        return self.past[0].shape[2]
 
     def __call__(self, tokens: np.ndarray, positions: np.ndarray, k: int, admitted: Admitted | None) -> StepOutput:
         if k > MAX_CANDIDATES:
@@ -124,32 +125,27 @@ class OrtRowStep:
                 f"the decoder graph returns at most {MAX_CANDIDATES} candidates per row, {k} asked: use a smaller beam"
             )
         n_new = 0 if admitted is None else admitted.src_ids.shape[0]
-        padded = self._padded_blocks(n_new)
-        self._settle_past(n_new, padded)
-        if admitted is not None:
-            self._add(admitted)
-        n_rows = self.n_rows
+        n_rows = self.n_rows + n_new
         if tokens.shape != (n_rows,) or positions.shape != (n_rows,):
             raise ValueError(f"{tokens.shape[0]} tokens and {positions.shape[0]} positions for {n_rows} rows")
         tokens = np.asarray(tokens, dtype=np.int64)
         positions = np.asarray(positions, dtype=np.int64)
-        self_mask = self.self_mask
+        padded = self._padded_blocks(n_new)
+        self._settle_past(n_new, padded, int(positions.max(initial=0)) + 1)
+        if admitted is not None:
+            self._add(admitted)
         if padded is None:
             cross, src_mask = self._cross_feed()
         else:  # each sentence's rows padded to a block of G: the cross K/V once per sentence
-            tokens, positions, self_mask = tokens[padded.source], positions[padded.source], self_mask[padded.source]
+            tokens, positions = tokens[padded.source], positions[padded.source]
             cross, src_mask = self.cross, self.src_mask
         feeds = {
             "tokens": tokens[:, None],  # (N, 1)
-            "positions": positions[:, None],  # (N, 1)
+            "positions": positions[:, None],  # (N, 1): each row's past fills slots [0, position)
             "top_k": np.zeros(min(k, self.model.config.vocab_size), dtype=np.int64),  # (k,)
             "src_pad_mask": src_mask,  # (M, S) per sentence, or (N, S) per row
-            "self_pad_mask": self_mask,  # (N, P)
         }
-        feeds.update(zip(self.model.past_names, self.past, strict=True))
-        feeds.update(zip(self.model.cross_names, cross, strict=True))
-        scores, ids, eos, cross_attn, *self.past = self.model.decoder.run(None, feeds)
-        self.self_mask = np.concatenate([self.self_mask, np.zeros((n_rows, 1), dtype=bool)], axis=1)  # (N, P+1)
+        scores, ids, eos, cross_attn = self.model.run_step(feeds, self.past, cross)  # the K/V written in place
         if padded is not None:  # back to one row per row; the padding rows' K/V are dropped by the next gather
             rows = padded.rows
             scores, ids, eos, cross_attn = scores[rows], ids[rows], eos[rows], cross_attn[rows]
@@ -157,8 +153,8 @@ class OrtRowStep:
         return StepOutput(scores, ids, eos, cross_attn)
 
     def keep(self, reorder: np.ndarray) -> None:
-        """Keep the continuing rows (freeing the others), cutting cache slots no row sees; then keep the cross
-        K/V of the live sentences only, in the order of the rows' blocks, cut to the source columns they read.
+        """Keep the continuing rows (freeing the others); then keep the cross K/V of the live sentences only, in
+        the order of the rows' blocks, cut to the source columns they read.
 
         The past K/V are gathered by the next call, once for every keep since the last one and the newcomers'
         room. The cuts are made by gathers, into contiguous buffers: a sliced view given to onnxruntime would be
@@ -166,14 +162,8 @@ class OrtRowStep:
         """
         reorder = np.asarray(reorder, dtype=np.int64)
         if not is_identity(reorder, self.n_rows):
-            self.self_mask = self.self_mask[reorder]
             self.row_sentence = self.row_sentence[reorder]
             self._reorder = reorder if self._reorder is None else self._reorder[reorder]
-        seen = (~self.self_mask).any(axis=0)  # (P,) slots some row attends to
-        unseen = int(np.argmax(seen)) if seen.any() else self.past_len  # leading slots no row sees
-        if unseen:
-            self.self_mask = self.self_mask[:, unseen:]
-            self._cut += unseen
         order = sentence_blocks(self.row_sentence)
         if order is None or len(np.unique(order)) < len(order):  # no equal blocks: the live ones, first-row order
             _, first = np.unique(self.row_sentence, return_index=True)
@@ -210,18 +200,23 @@ class OrtRowStep:
         rows = np.repeat(np.arange(runs.size) * size, runs) + np.arange(n) - np.repeat(starts, runs)  # (n,)
         return PaddedBlocks(source.reshape(-1), rows)
 
-    def _settle_past(self, n_new: int, padded: PaddedBlocks | None = None) -> None:
-        """Apply the kept rows and cut slots to the past K/V, with ``n_new`` rows of zeros after them for the
-        newcomers (``padded``: in the call's padded blocks, each newcomer's block zeros): one gather into
-        contiguous buffers (none when nothing changed)."""
-        if self._reorder is None and not self._cut and not n_new and padded is None:
+    def _settle_past(self, n_new: int, padded: PaddedBlocks | None, needed: int) -> None:
+        """Apply the kept rows to the past K/V, with ``n_new`` rows after them for the newcomers (``padded``: in
+        the call's padded blocks), in buffers with room for ``needed`` slots (the oldest row's past and this
+        call's K/V): one gather into contiguous buffers (none when nothing changed), a copy more when the buffers
+        grow (every ``CAPACITY_STEP`` steps of the oldest row) or shrink (its sentence retired)."""
+        capacity = self.capacity
+        if capacity < needed or capacity > needed + 2 * CAPACITY_STEP:
+            capacity = needed + CAPACITY_STEP - 1
+        if self._reorder is None and not n_new and padded is None and capacity == self.capacity:
             return
-        index = np.arange(self.past[0].shape[0]) if self._reorder is None else self._reorder
+        index = self._reorder
         if padded is not None:
+            index = np.arange(self.past[0].shape[0]) if index is None else index
             old = padded.source[padded.source < index.size]  # the kept rows' physical rows come first
             index, n_new = index[old], padded.source.size - old.size
-        self.past = self.rows.many("past", [kv[:, :, self._cut :] for kv in self.past], index, zeros=n_new)
-        self._reorder, self._cut = None, 0
+        self.past = self.rows.many("past", self.past, index, zeros=n_new, capacity=capacity)
+        self._reorder = None
 
     def _entries(self, ids: np.ndarray) -> np.ndarray:
         """The index into ``cross`` of each sentence id in ``ids``."""
@@ -268,7 +263,6 @@ class OrtRowStep:
             for buf, new in zip(cross, encoded, strict=True):  # new: (b, H, longest, Dh)
                 buf[n_old + group, :, :longest] = new
         self.cross = cross
-        self.self_mask = np.concatenate([self.self_mask, np.ones((n_new, self.past_len), dtype=bool)])
         ids = np.arange(self.next_sentence, self.next_sentence + n_new)
         self.sentences = np.concatenate([self.sentences, ids])
         self.row_sentence = np.concatenate([self.row_sentence, ids])

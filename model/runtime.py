@@ -1,12 +1,14 @@
 """onnxruntime sessions of an exported model and the step functions that ``model.search`` drives (no torch).
 
 - :class:`OrtModel` holds one variant's encoder and decoder sessions, checked against ``model.signature``.
-- :class:`OrtStepFunction` implements the search's step-function contract on host (numpy) buffers: each
-  step feeds the previous step's present K/V back as the past, gathered with the search's reorder index
-  unless it is the identity. The cross-attention K/V are fed once per sentence, shared by its beams (the
-  rows of a static batch come in equal blocks per sentence), and gathered only when sentences finish.
+- :class:`OrtStepFunction` implements the search's step-function contract on host (numpy) buffers: the
+  self-attention cache is one right-padded buffer per K/V tensor (``model.signature``), bound through IO
+  binding as both the past and the present, so each step writes its new K/V in place; the buffer is
+  gathered with the search's reorder index (into a second buffer) unless that is the identity, and grown by
+  ``CAPACITY_STEP`` slots when full. The cross-attention K/V are fed once per sentence, shared by its beams
+  (the rows of a static batch come in equal blocks per sentence), and gathered only when sentences finish.
 - :class:`IoBindingStepFunction` is the same with every K/V tensor kept on the session's device (CUDA)
-  between steps through IO binding; only tokens, positions and masks go in, candidates and attention out.
+  between steps; only tokens, positions and masks go in, candidates and attention out.
 """
 
 from __future__ import annotations
@@ -21,7 +23,15 @@ import onnxruntime as ort
 from model.config import ModelConfig
 from model.model_dir import read_model_dir
 from model.search import StepOutput, is_identity, sentence_blocks
-from model.signature import MAX_CANDIDATES, VARIANTS, GraphSignature, decoder_signature, encoder_signature, kv_names
+from model.signature import (
+    CAPACITY_STEP,
+    MAX_CANDIDATES,
+    VARIANTS,
+    GraphSignature,
+    decoder_signature,
+    encoder_signature,
+    kv_names,
+)
 
 CPU = ("CPUExecutionProvider",)
 OPTIMIZATION_LEVELS = {
@@ -112,6 +122,7 @@ class OrtModel:
         self.past_names = kv_names("past", config.n_decoder_layers)
         self.cross_names = kv_names("cross", config.n_decoder_layers)
         self._gather_session: ort.InferenceSession | None = None
+        self._grow_session: ort.InferenceSession | None = None
 
     @classmethod
     def from_files(
@@ -164,19 +175,51 @@ class OrtModel:
     def step_function(self, src_ids: np.ndarray, src_pad_mask: np.ndarray) -> OrtStepFunction:
         return OrtStepFunction(self, src_ids, src_pad_mask)
 
-    def empty_cache(self, n_rows: int) -> list[np.ndarray]:
-        """Past K/V of length 0 for every layer, so the first step runs the same graph as every other."""
-        shape = (n_rows, self.config.n_heads, 0, self.config.head_dim)
+    def run_step(
+        self, feeds: dict[str, np.ndarray], past: Sequence[np.ndarray], cross: Sequence[np.ndarray]
+    ) -> StepOutput:
+        """One decoder call on host buffers: ``feeds`` (tokens, positions, top_k, src_pad_mask), the right-padded
+        ``past`` buffers (C-contiguous), each bound as its present too, so the step's K/V are written into them in
+        place, and the ``cross`` K/V."""
+        binding = self.decoder.io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, array)
+        past_values = [ort.OrtValue.ortvalue_from_numpy(_contiguous(a)) for a in past]  # shares the numpy memory
+        for name, value in zip(self.past_names, past_values, strict=True):
+            binding.bind_ortvalue_input(name, value)
+        for name, array in zip(self.cross_names, cross, strict=True):
+            binding.bind_cpu_input(name, array)
+        outputs = self.decoder_signature.output_names
+        for name in outputs[:4]:
+            binding.bind_output(name, "cpu")
+        for name, value in zip(outputs[4:], past_values, strict=True):  # present_* = past_*: in place
+            binding.bind_ortvalue_output(name, value)
+        self.decoder.run_with_iobinding(binding)
+        scores, ids, eos, cross_attn = (value.numpy() for value in binding.get_outputs()[:4])
+        return StepOutput(scores, ids, eos, cross_attn)
+
+    def empty_cache(self, n_rows: int, capacity: int = CAPACITY_STEP) -> list[np.ndarray]:
+        """Right-padded self-attention K/V buffers for every layer, (n_rows, H, capacity, Dh) of zeros: no row
+        has a past yet (positions 0), so the first step runs the same graph as every other."""
+        shape = (n_rows, self.config.n_heads, capacity, self.config.head_dim)
         return [np.zeros(shape, dtype=self.cache_dtype) for _ in self.past_names]
 
     def gather_session(self) -> ort.InferenceSession:
         """A Gather graph on the decoder's provider, to reorder K/V where they live (on the device)."""
         if self._gather_session is None:
-            providers = self.decoder.get_providers()
-            provider_options = [self.decoder.get_provider_options()[p] for p in providers]
-            graph = _gather_graph(len(self.cross_names), self.cache_dtype)
-            self._gather_session = ort.InferenceSession(graph, providers=providers, provider_options=provider_options)
+            self._gather_session = self._device_session(_gather_graph(len(self.cross_names), self.cache_dtype))
         return self._gather_session
+
+    def grow_session(self) -> ort.InferenceSession:
+        """A Pad graph on the decoder's provider, to add zero slots to the K/V buffers where they live."""
+        if self._grow_session is None:
+            self._grow_session = self._device_session(_grow_graph(len(self.past_names), self.cache_dtype))
+        return self._grow_session
+
+    def _device_session(self, graph: bytes) -> ort.InferenceSession:
+        providers = self.decoder.get_providers()
+        provider_options = [self.decoder.get_provider_options()[p] for p in providers]
+        return ort.InferenceSession(graph, providers=providers, provider_options=provider_options)
 
 
 class RowGather:
@@ -199,32 +242,59 @@ class RowGather:
         _check_rows(index, array.shape[0])
         return self._take(slot, array, index)
 
-    def many(self, name: object, arrays: Sequence[np.ndarray], index: np.ndarray, zeros: int = 0) -> list[np.ndarray]:
-        """The rows ``index`` of each array (array i in slot ``(name, i)``), the index checked once for all;
-        ``zeros`` more rows of zeros after them (room for rows that join, in the same copy)."""
-        _check_rows(index, min((a.shape[0] for a in arrays), default=0))
-        return [self._take((name, i), array, index, zeros) for i, array in enumerate(arrays)]
+    def many(
+        self,
+        name: object,
+        arrays: Sequence[np.ndarray],
+        index: np.ndarray | None,
+        zeros: int = 0,
+        capacity: int | None = None,
+    ) -> list[np.ndarray]:
+        """The rows ``index`` of each array (array i in slot ``(name, i)``; None: every row, in order), the index
+        checked once for all; ``zeros`` more rows of zeros after them (room for rows that join, in the same copy).
+        ``capacity``: the result's third axis (a right-padded cache's slots): cut, or widened in the same copy
+        (the new slots hold whatever the reused buffer held: a cache never reads a slot before writing it)."""
+        if index is not None:
+            _check_rows(index, min((a.shape[0] for a in arrays), default=0))
+        return [self._take((name, i), array, index, zeros, capacity) for i, array in enumerate(arrays)]
 
-    def _take(self, slot: object, array: np.ndarray, index: np.ndarray, zeros: int = 0) -> np.ndarray:
-        shape = (index.size + zeros, *array.shape[1:])
+    def _take(
+        self, slot: object, array: np.ndarray, index: np.ndarray | None, zeros: int = 0, capacity: int | None = None
+    ) -> np.ndarray:
+        n = array.shape[0] if index is None else index.size
+        if capacity is not None and capacity < array.shape[2]:
+            array = array[:, :, :capacity]  # a view: np.take copies it first (rare: a cache that shrinks)
+        shape = (n + zeros, *array.shape[1:])
+        if capacity is not None:
+            shape = (*shape[:2], capacity, *shape[3:])
         size = math.prod(shape)
-        if size < self.small:
-            if zeros:
-                out = np.zeros(shape, dtype=array.dtype)
-                np.take(array, index, axis=0, out=out[: index.size], mode="clip")
-                return out
+        widened = shape[2:] != array.shape[2:]
+        if size < self.small and not widened and not zeros and index is not None:
             return np.take(array, index, axis=0, mode="clip")  # the range was checked by the caller
-        pool = self._buffers.setdefault(slot, [])
-        free = [b for b in pool if b.dtype == array.dtype and not np.may_share_memory(b, array)]
-        buffer = next((b for b in free if b.size >= size), None)
-        if buffer is None:
-            buffer = np.empty(size + size // 2, dtype=array.dtype)  # room to grow by a few steps
-            pool[:] = [b for b in pool if np.may_share_memory(b, array)][:1] + [buffer]
-        out = buffer[:size].reshape(shape)
-        # mode="clip" lets numpy write straight into `out` ("raise" would buffer); the range was checked above.
-        np.take(array, index, axis=0, out=out[: index.size], mode="clip")
-        out[index.size :] = 0
+        if size < self.small:
+            out = np.zeros(shape, dtype=array.dtype)
+        else:
+            pool = self._buffers.setdefault(slot, [])
+            free = [b for b in pool if b.dtype == array.dtype and not np.may_share_memory(b, array)]
+            buffer = next((b for b in free if b.size >= size), None)
+            if buffer is None:
+                buffer = np.empty(size + size // 2, dtype=array.dtype)  # room to grow by a few steps
+                pool[:] = [b for b in pool if np.may_share_memory(b, array)][:1] + [buffer]
+            out = buffer[:size].reshape(shape)
+            out[n:] = 0
+        if widened:  # numpy gathers into a temporary first (+35%, every few steps)
+            out[:n, :, : array.shape[2]] = array if index is None else array[index]
+        elif index is None:
+            out[:n] = array
+        else:  # mode="clip" lets numpy write straight into `out` ("raise" would buffer); the range was checked
+            np.take(array, index, axis=0, out=out[:n], mode="clip")
         return out
+
+
+def _contiguous(array: np.ndarray) -> np.ndarray:
+    if not array.flags.c_contiguous:  # an OrtValue over a copy would take the in-place write away from the caller
+        raise ValueError("a cache buffer bound in place must be C-contiguous")
+    return array
 
 
 def _check_rows(index: np.ndarray, n_rows: int) -> None:
@@ -235,11 +305,13 @@ def _check_rows(index: np.ndarray, n_rows: int) -> None:
 class OrtStepFunction:
     """Step function over host buffers: ``(tokens (N,), step, reorder (N,) | None, k) → StepOutput``.
 
-    The past K/V are gathered with ``reorder`` on the host, and not at all when it is the identity (greedy
-    search, beams that keep their places); the graph appends the new K/V (present = past + 1 slot). The
-    self-attention padding mask (N, P) is all False here: every row of a static batch is at the same step.
-    The cross K/V go in per sentence while the rows come in equal blocks per sentence (``sentence_blocks``):
-    the beams' expansion gathers nothing, a finished sentence drops one entry, not beam_size copies.
+    The self-attention K/V live in right-padded buffers (N, H, C, Dh), every row's past in slots [0, step):
+    the decoder writes each step's K/V at slot ``step`` of the same buffers (IO binding binds each present
+    to its past), so a step copies nothing unless the rows change. ``reorder`` gathers the buffers (into
+    others, the previous ones kept for the next gather), not at all when it is the identity (greedy search,
+    beams that keep their places); a full buffer grows by ``CAPACITY_STEP`` slots. The cross K/V go in per
+    sentence while the rows come in equal blocks per sentence (``sentence_blocks``): the beams' expansion
+    gathers nothing, a finished sentence drops one entry, not beam_size copies.
     """
 
     def __init__(self, model: OrtModel, src_ids: np.ndarray, src_pad_mask: np.ndarray) -> None:
@@ -259,19 +331,23 @@ class OrtStepFunction:
             raise ValueError(
                 f"the decoder graph returns at most {MAX_CANDIDATES} candidates per row, {k} asked: use a smaller beam"
             )
+        capacity = self._capacity()
+        if step >= capacity:  # no free slot for this step's K/V: more room, in the gather if there is one
+            capacity = step + CAPACITY_STEP
         if reorder is not None and not is_identity(reorder, len(self.row_sentence)):
             reorder = np.asarray(reorder, dtype=np.int64)
-            self.past = self._gather("past", self.past, reorder)
+            self.past = self._gather("past", self.past, reorder, capacity)
             row_sentence = self.row_sentence[reorder]
             if not np.array_equal(row_sentence, self.row_sentence):  # expansion or finished sentences
                 self._feed_sentences(row_sentence)
+        elif capacity > self._capacity():
+            self.past = self._grow(self.past, capacity)
         n_rows = tokens.shape[0]
         feeds = {
             "tokens": tokens[:, None],  # (N, 1)
-            "positions": np.full((n_rows, 1), step, dtype=np.int64),  # (N, 1)
+            "positions": np.full((n_rows, 1), step, dtype=np.int64),  # (N, 1): each row's past fills [0, step)
             "top_k": np.zeros(min(k, self.model.config.vocab_size), dtype=np.int64),  # (k,)
             "src_pad_mask": self.mask,  # (B, S): B sentences, or one per row
-            "self_pad_mask": np.zeros((n_rows, step), dtype=bool),  # (N, P)
         }
         return self._run(feeds)
 
@@ -294,23 +370,31 @@ class OrtStepFunction:
     def _empty_past(self, n_rows: int) -> list:
         return self.model.empty_cache(n_rows)
 
-    def _gather(self, name: str, values: list, index: np.ndarray) -> list:
-        return self.rows.many(name, values, index)
+    def _capacity(self) -> int:
+        return self.past[0].shape[2]
+
+    def _gather(self, name: str, values: list, index: np.ndarray, capacity: int | None = None) -> list:
+        return self.rows.many(name, values, index, capacity=capacity)
+
+    def _grow(self, values: list, capacity: int) -> list:
+        return self.rows.many("past", values, None, capacity=capacity)
 
     def _run(self, feeds: dict[str, np.ndarray]) -> StepOutput:
+        out = self.model.run_step(feeds, self.past, self.cross)
+        # The past/cross arrays join the feeds for callers that record them (int8 calibration).
         feeds.update(zip(self.model.past_names, self.past, strict=True))
         feeds.update(zip(self.model.cross_names, self.cross, strict=True))
-        scores, ids, eos, cross_attn, *self.past = self.model.decoder.run(None, feeds)
-        return StepOutput(scores, ids, eos, cross_attn)
+        return out
 
 
 class IoBindingStepFunction(OrtStepFunction):
-    """The same contract with every K/V tensor on the device: present K/V are bound as the next past.
+    """The same contract with every K/V tensor on the device: the cache buffers never leave it.
 
     ``device`` is onnxruntime's device name for the sessions' provider ("cuda"; "cpu" works too, for
     tests). The cross K/V are computed once on the device; past and cross K/V are re-gathered there (a
-    small Gather graph) when the rows change. Per step only tokens, positions and masks are copied in
-    (bytes per row) and the candidates and attention copied out, as the search needs them on the host.
+    small Gather graph) when the rows change, and the cache grown there (a Pad graph). Per step only tokens,
+    positions and masks are copied in (bytes per row) and the candidates and attention copied out, as the
+    search needs them on the host.
     """
 
     def __init__(
@@ -332,10 +416,27 @@ class IoBindingStepFunction(OrtStepFunction):
         empty = self.model.empty_cache(n_rows)
         return [ort.OrtValue.ortvalue_from_numpy(e, self.device, self.device_id) for e in empty]
 
-    def _gather(self, name: str, values: list, index: np.ndarray) -> list:
+    def _capacity(self) -> int:
+        return self.past[0].shape()[2]
+
+    def _gather(self, name: str, values: list, index: np.ndarray, capacity: int | None = None) -> list:
+        gathered = self._gather_rows(values, index)
+        return gathered if capacity is None or capacity == self._capacity() else self._grow(gathered, capacity)
+
+    def _gather_rows(self, values: list, index: np.ndarray) -> list:
         session = self.model.gather_session()
         binding = session.io_binding()
         binding.bind_cpu_input("index", index.astype(np.int64))
+        for i, value in enumerate(values):
+            binding.bind_ortvalue_input(f"x{i}", value)
+            binding.bind_output(f"y{i}", self.device, self.device_id)
+        session.run_with_iobinding(binding)
+        return binding.get_outputs()
+
+    def _grow(self, values: list, capacity: int) -> list:
+        session = self.model.grow_session()
+        binding = session.io_binding()
+        binding.bind_cpu_input("pads", np.array([0, 0, 0, 0, 0, 0, capacity - self._capacity(), 0], dtype=np.int64))
         for i, value in enumerate(values):
             binding.bind_ortvalue_input(f"x{i}", value)
             binding.bind_output(f"y{i}", self.device, self.device_id)
@@ -352,25 +453,35 @@ class IoBindingStepFunction(OrtStepFunction):
         outputs = self.model.decoder_signature.output_names
         for name in outputs[:4]:
             binding.bind_output(name, "cpu")
-        for name in outputs[4:]:
-            binding.bind_output(name, self.device, self.device_id)
+        for name, value in zip(outputs[4:], self.past, strict=True):  # present_* = past_*, in place on the device
+            binding.bind_ortvalue_output(name, value)
         decoder.run_with_iobinding(binding)
-        scores, ids, eos, cross_attn, *self.past = binding.get_outputs()
+        scores, ids, eos, cross_attn = binding.get_outputs()[:4]
         return StepOutput(scores.numpy(), ids.numpy(), eos.numpy(), cross_attn.numpy())
 
 
 def _gather_graph(n_tensors: int, dtype: np.dtype) -> bytes:
     """ONNX bytes of ``y_i = Gather(x_i, index, axis=0)`` for ``n_tensors`` tensors of rank 4."""
+    return _per_tensor_graph("Gather", ("index", ["n"]), {"axis": 0}, n_tensors, dtype)
+
+
+def _grow_graph(n_tensors: int, dtype: np.dtype) -> bytes:
+    """ONNX bytes of ``y_i = Pad(x_i, pads)`` (zeros) for ``n_tensors`` tensors of rank 4."""
+    return _per_tensor_graph("Pad", ("pads", [8]), {}, n_tensors, dtype)
+
+
+def _per_tensor_graph(op: str, extra: tuple[str, list], attributes: dict, n_tensors: int, dtype: np.dtype) -> bytes:
+    """ONNX bytes of ``y_i = op(x_i, extra)`` for ``n_tensors`` tensors of rank 4 (``extra`` an int64 input)."""
     from onnx import TensorProto, helper  # only the device path needs it
 
     elem = helper.np_dtype_to_tensor_dtype(dtype)
-    shape = ["rows", "heads", "src_len", "head_dim"]
+    name, extra_shape = extra
     graph = helper.make_graph(
-        [helper.make_node("Gather", [f"x{i}", "index"], [f"y{i}"], axis=0) for i in range(n_tensors)],
-        "cross_gather",
-        [helper.make_tensor_value_info("index", TensorProto.INT64, ["n"])]
-        + [helper.make_tensor_value_info(f"x{i}", elem, shape) for i in range(n_tensors)],
-        [helper.make_tensor_value_info(f"y{i}", elem, ["n", *shape[1:]]) for i in range(n_tensors)],
+        [helper.make_node(op, [f"x{i}", name], [f"y{i}"], **attributes) for i in range(n_tensors)],
+        f"per_tensor_{op.lower()}",
+        [helper.make_tensor_value_info(name, TensorProto.INT64, extra_shape)]
+        + [helper.make_tensor_value_info(f"x{i}", elem, ["a", "b", "c", "d"]) for i in range(n_tensors)],
+        [helper.make_tensor_value_info(f"y{i}", elem, ["e", "f", "g", "h"]) for i in range(n_tensors)],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
     return model.SerializeToString()

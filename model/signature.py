@@ -4,19 +4,23 @@ Torch-free, so the service can check the graphs it loads against the same declar
 
 encoder.onnx  src_ids (batch, src_len) int64, src_pad_mask (batch, src_len) bool (True = padding)
               → cross_key_{i}, cross_value_{i} (batch, heads, src_len, head_dim) for each decoder layer i
-decoder.onnx  one step: tokens (rows, 1) int64, positions (rows, 1) int64 (each row's decoding position),
-              top_k (k,) int64 (only its length counts: candidates per row), src_pad_mask (sentences,
-              src_len) bool, self_pad_mask (rows, past_len) bool (True = a cache slot the row must not see),
-              past_key_{i}/past_value_{i} (rows, heads, past_len, head_dim) (already in the rows' order),
-              cross_key_{i}/cross_value_{i} (sentences, heads, src_len, head_dim): rows = sentences x G, the
-              rows in blocks of G per sentence (a static beam search feeds one cross K/V per sentence for
-              its beams; rows of different sentences mixed freely feed one per row, G = 1)
+decoder.onnx  one step: tokens (rows, 1) int64, positions (rows, 1) int64 (each row's decoding position,
+              which is also its past length), top_k (k,) int64 (only its length counts: candidates per row),
+              src_pad_mask (sentences, src_len) bool, past_key_{i}/past_value_{i} (rows, heads, capacity,
+              head_dim) (already in the rows' order; right-padded: row r's past in slots [0, positions[r]),
+              the slots after never read; capacity > every position), cross_key_{i}/cross_value_{i}
+              (sentences, heads, src_len, head_dim): rows = sentences x G, the rows in blocks of G per
+              sentence (a static beam search feeds one cross K/V per sentence for its beams; rows of
+              different sentences mixed freely feed one per row, G = 1)
               → scores (rows, k) float32 and ids (rows, k) int64 (each row's k best log-probs, best first),
               eos_log_probs (rows,) float32, cross_attn (rows, src_len) float32 (the alignment layer, head
-              mean), present_key_{i}/present_value_{i} (rows, heads, past_len + 1, head_dim)
+              mean), present_key_{i}/present_value_{i} (rows, heads, capacity, head_dim): the past with each
+              row's new K/V at slot positions[r]. The self-attention is onnxruntime's
+              com.microsoft.GroupQueryAttention, so a caller that binds each present to its past's buffer
+              (IO binding) has the new K/V written in place: no copy of the cache per step.
 
 Past length 0 on the first step, no control flow: one graph for every step. Rows may be at different
-positions (per-row positions, a padded cache with its mask), so sentences can join a running batch.
+positions (per-row positions; each row attends to its own slots only), so sentences can join a running batch.
 K/V tensors are in the variant's cache dtype (float32; float16 for the fp16 variant); log-probs and
 attention are always float32.
 """
@@ -32,6 +36,10 @@ CACHE = "cache"  # dtype placeholder: the variant's K/V dtype
 # log-prob table needs no padding), so a step returns at most this many candidates per row (beam 16 asks
 # for 35).
 MAX_CANDIDATES = 64
+# Slots added to a right-padded cache buffer when a step finds it full (the step functions, ONNX and torch).
+# Every gather of the cache (the beam reorder) copies the whole buffer, so a larger step copies more slots
+# that no row uses yet; a smaller one grows the buffer (one more copy) more often.
+CAPACITY_STEP = 4
 
 # Variant → (encoder file, decoder file, cache dtype) inside MODEL_DIR/onnx/.
 VARIANTS: dict[str, tuple[str, str, str]] = {
@@ -100,8 +108,7 @@ def decoder_signature(cfg: ModelConfig) -> GraphSignature:
             TensorSpec("positions", "int64", ("rows", 1)),
             TensorSpec("top_k", "int64", ("k",)),
             TensorSpec("src_pad_mask", "bool", ("sentences", "src_len")),
-            TensorSpec("self_pad_mask", "bool", ("rows", "past_len")),
-            *_kv_specs("past", cfg, "rows", "past_len"),
+            *_kv_specs("past", cfg, "rows", "capacity"),
             *_kv_specs("cross", cfg, "sentences", "src_len"),
         ),
         outputs=(
@@ -109,6 +116,6 @@ def decoder_signature(cfg: ModelConfig) -> GraphSignature:
             TensorSpec("ids", "int64", ("rows", "k")),
             TensorSpec("eos_log_probs", "float32", ("rows",)),
             TensorSpec("cross_attn", "float32", ("rows", "src_len")),
-            *_kv_specs("present", cfg, "rows", "past_len + 1"),
+            *_kv_specs("present", cfg, "rows", "capacity"),
         ),
     )

@@ -6,16 +6,18 @@ import numpy as np
 import torch
 
 from model.search import StepOutput, is_identity, sentence_blocks
+from model.signature import CAPACITY_STEP
 from model.transformer import Transformer, best_candidates, reorder_cache
 
 
 class TorchStepFunction:
     """Holds one batch's encoder output and decoder cache; each call decodes one token per row.
 
-    ``reorder`` (from the search) says which previous row each new row continues: the cache is gathered
-    with it unless it is the identity, and the cross-attention K/V only when the rows' sentences change
-    (expansion or pruning): one per sentence when its rows come in equal blocks, as the ONNX step function
-    feeds them. Returns each row's ``k`` best candidates, as the ONNX step graph does.
+    The cache is right-padded as the exported step's (``Transformer.step``), so the ONNX parity tests compare
+    the same computation. ``reorder`` (from the search) says which previous row each new row continues: the
+    cache is gathered with it unless it is the identity, and the cross-attention K/V only when the rows'
+    sentences change (expansion or pruning): one per sentence when its rows come in equal blocks, as the ONNX
+    step function feeds them. Returns each row's ``k`` best candidates, as the ONNX step graph does.
     """
 
     def __init__(self, model: Transformer, src_ids: np.ndarray, src_pad_mask: np.ndarray) -> None:
@@ -29,7 +31,7 @@ class TorchStepFunction:
         self.row_sentence = np.arange(src.shape[0])
         self.cross = self.base_cross
         self.mask = self.base_mask
-        self.cache = model.empty_cache(src.shape[0], device)
+        self.cache = model.step_cache(src.shape[0], CAPACITY_STEP, device)  # right-padded, as the ONNX step's
 
     def __call__(self, tokens: np.ndarray, step: int, reorder: np.ndarray | None, k: int) -> StepOutput:
         if reorder is not None and not is_identity(reorder, len(self.row_sentence)):
@@ -42,10 +44,15 @@ class TorchStepFunction:
                 self.cross = reorder_cache(self.base_cross, sentence_index)
                 self.mask = self.base_mask.index_select(0, sentence_index)
                 self.row_sentence = row_sentence
+        if step >= self.cache[0][0].shape[2]:  # no free slot for this step's K/V: grow, as the ONNX step function
+            self.cache = tuple(
+                tuple(torch.nn.functional.pad(t, (0, 0, 0, step + CAPACITY_STEP - t.shape[2])) for t in kv)
+                for kv in self.cache
+            )
         tok = torch.from_numpy(np.asarray(tokens, dtype=np.int64)).to(self.device)[:, None]  # (N, 1)
         positions = torch.full_like(tok, step)  # (N, 1): every row of a static batch is at the same step
         with torch.inference_mode():
-            log_probs, self.cache, attn = self.model.decode_step(tok, positions, self.cross, self.mask, self.cache)
+            log_probs, self.cache, attn = self.model.step(tok, positions, self.cross, self.mask, self.cache)
             k = min(k, log_probs.shape[-1])
             scores, ids, eos = best_candidates(log_probs[:, 0].float(), k, self.model.config.eos_id)
         return StepOutput(scores.cpu().numpy(), ids.cpu().numpy(), eos.cpu().numpy(), attn[:, 0].float().cpu().numpy())

@@ -6,10 +6,14 @@ One forward contract serves training, export and the parity tests:
 - ``decode_step(tokens, positions, memory_or_cross_kv, src_pad_mask, cache)
   -> (log_probs, new_cache, cross_attn)``
 
-Training runs ``decode_step`` over the whole target with an empty cache (the causal mask does the rest);
-incremental decoding feeds one token at a time and threads the cache through. The cache is a plain value
-(per layer the self-attention K/V, each (N, H, T, Dh)), never state hidden in modules, so a beam reorder
-is an index gather (``reorder_cache``). Mask convention everywhere: ``True`` = padding / not allowed.
+- ``step(tokens, positions, cross_kv, src_pad_mask, cache) -> (log_probs, present, cross_attn)``
+
+Training runs ``decode_step`` over the whole target with an empty cache (the causal mask does the rest).
+Incremental decoding (the exported step graph, the torch step function) runs ``step``: one token per row,
+each row at its own position, over a right-padded cache of per-layer K/V buffers (N, H, C, Dh) whose slot
+``position`` the step fills; its self-attention exports as onnxruntime's GroupQueryAttention. Both give the
+same values (the parity tests). The cache is a plain value, never state hidden in modules, so a beam
+reorder is an index gather (``reorder_cache``). Mask convention everywhere: ``True`` = padding / not allowed.
 """
 
 from __future__ import annotations
@@ -87,11 +91,14 @@ class MultiHeadAttention(nn.Module):
         n, t, _ = x.shape
         return x.view(n, t, self.n_heads, self.head_dim).transpose(1, 2)  # (N, H, T, Dh)
 
-    def _fused(self, x: Tensor, projections: tuple[nn.Linear, ...]) -> tuple[Tensor, ...]:
+    def _joint(self, x: Tensor, projections: tuple[nn.Linear, ...]) -> tuple[Tensor, ...]:
+        """x (N, T, D) through several projections as one matmul → each (N, T, D), heads not split."""
         weight = torch.cat([p.weight for p in projections])  # (len * D, D)
         bias = torch.cat([p.bias for p in projections])
-        d_model = self.n_heads * self.head_dim
-        return tuple(self.split_heads(y) for y in F.linear(x, weight, bias).split(d_model, dim=-1))
+        return F.linear(x, weight, bias).split(self.n_heads * self.head_dim, dim=-1)
+
+    def _fused(self, x: Tensor, projections: tuple[nn.Linear, ...]) -> tuple[Tensor, ...]:
+        return tuple(self.split_heads(y) for y in self._joint(x, projections))
 
     def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x (N, T, D) → q, k, v, each (N, H, T, Dh), from one matmul."""
@@ -111,6 +118,36 @@ class MultiHeadAttention(nn.Module):
         n, _, t, _ = context.shape
         context = context.transpose(1, 2).reshape(n, t, self.n_heads * self.head_dim)  # (N, T, D)
         return self.out_proj(context), weights
+
+    def attend_cached(
+        self, x: Tensor, past_k: Tensor, past_v: Tensor, lengths: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Self-attention of one new position per row over a right-padded cache: x (N, 1, D); past_k/past_v
+        (N, H, C, Dh) hold row r's past in slots [0, lengths[r]) (the rest is ignored); lengths (N,) int64.
+        Returns (N, 1, D) and the present K/V: the past with the row's new K/V written at slot lengths[r].
+
+        Exported as onnxruntime's ``com.microsoft.GroupQueryAttention`` (kv heads = heads): each row attends
+        to its own ``lengths[r] + 1`` slots only, and when the caller binds the present to the past's buffer
+        the new K/V are written in place (no copy of the cache per step). Eagerly, the same in torch ops."""
+        n = x.shape[0]
+        q, k, v = self._joint(x, (self.q_proj, self.k_proj, self.v_proj))  # (N, 1, D) each
+        if torch.onnx.is_in_onnx_export():
+            out, present_k, present_v = torch.onnx.ops.symbolic_multi_out(
+                "com.microsoft::GroupQueryAttention",
+                (q, k, v, past_k, past_v, lengths.to(torch.int32), (lengths.max() + 1).to(torch.int32)),
+                {"num_heads": self.n_heads, "kv_num_heads": self.n_heads},
+                dtypes=(q.dtype, past_k.dtype, past_v.dtype),
+                shapes=(q.shape, past_k.shape, past_v.shape),
+                version=1,
+            )
+            return self.out_proj(out), present_k, present_v
+        rows = torch.arange(n, device=x.device)
+        present_k, present_v = past_k.clone(), past_v.clone()
+        present_k[rows, :, lengths] = k.view(n, self.n_heads, self.head_dim).to(past_k.dtype)
+        present_v[rows, :, lengths] = v.view(n, self.n_heads, self.head_dim).to(past_v.dtype)
+        unseen = torch.arange(past_k.shape[2], device=x.device)[None, :] > lengths[:, None]  # (N, C)
+        context, _ = self.attend(self.split_heads(q), present_k, present_v, unseen[:, None, None, :])
+        return context, present_k, present_v
 
     def forward(self, query: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """query (N, T, D) attends to projected k/v (B, H, S, Dh) of B sentences, N = B x G: rows b*G .. b*G+G-1
@@ -197,6 +234,16 @@ class DecoderLayer(nn.Module):
         x = self.ffn_sub.out(x, self.ffn(self.ffn_sub.inp(x)))
         return x, (k, v), cross_weights
 
+    def step(self, x: Tensor, past: KV, lengths: Tensor, cross: KV, cross_mask: Tensor) -> tuple[Tensor, KV, Tensor]:
+        """One new position per row over a right-padded cache (``MultiHeadAttention.attend_cached``): x (N, 1, D),
+        past K/V (N, H, C, Dh) with row r's past in slots [0, lengths[r]) → x, present K/V, cross weights."""
+        attended, k, v = self.self_attn.attend_cached(self.self_attn_sub.inp(x), past[0], past[1], lengths)
+        x = self.self_attn_sub.out(x, attended)
+        attended, cross_weights = self.cross_attn(self.cross_attn_sub.inp(x), cross[0], cross[1], cross_mask)
+        x = self.cross_attn_sub.out(x, attended)
+        x = self.ffn_sub.out(x, self.ffn(self.ffn_sub.inp(x)))
+        return x, (k, v), cross_weights
+
 
 class Transformer(nn.Module):
     """Encoder-decoder with one shared (tied) embedding matrix for source, target and output."""
@@ -270,19 +317,17 @@ class Transformer(nn.Module):
         memory_or_cross_kv: Tensor | CrossKV,
         src_pad_mask: Tensor,
         cache: DecoderCache | None = None,
-        self_pad_mask: Tensor | None = None,
     ) -> tuple[Tensor, DecoderCache, Tensor]:
-        """Run the decoder over ``tokens`` (N, T) that follow ``cache`` (past length P).
+        """Run the decoder over ``tokens`` (N, T) that follow ``cache`` (past length P): training, and the
+        reference that :meth:`step` (one token per row over a right-padded cache, the exported step) must match.
 
-        positions: (T,) absolute positions of ``tokens`` (P .. P+T-1), or (N, T), one row each, for rows at
-        different decoding positions. ``self_pad_mask`` (N, P+T), True at cache slots a row must not attend
-        to (a padded cache shared by rows of different lengths); None: every slot is the row's own.
+        positions: (T,) absolute positions of ``tokens`` (P .. P+T-1), or (N, T), one row each.
         ``memory_or_cross_kv`` and ``src_pad_mask`` (B, S) may hold one entry per sentence for N = B x G rows
         that come in blocks of G per sentence (beams sharing their sentence's cross-attention K/V).
         Returns log-probs (N, T, V), the new cache (past length P+T) and the alignment layer's
         cross-attention averaged over heads (N, T, S).
         """
-        return self._decode(tokens, positions, memory_or_cross_kv, src_pad_mask, cache, True, self_pad_mask)
+        return self._decode(tokens, positions, memory_or_cross_kv, src_pad_mask, cache, True)
 
     def _decode(
         self,
@@ -292,7 +337,6 @@ class Transformer(nn.Module):
         src_pad_mask: Tensor,
         cache: DecoderCache | None,
         log_probs: bool,
-        self_pad_mask: Tensor | None = None,
     ) -> tuple[Tensor, DecoderCache, Tensor]:
         n, t = tokens.shape
         if cache is None:
@@ -303,8 +347,6 @@ class Transformer(nn.Module):
         key_pos = torch.arange(past_len + t, device=tokens.device)
         query_pos = torch.arange(t, device=tokens.device) + past_len
         self_mask = key_pos[None, :] > query_pos[:, None]  # (T, P+T), True = future
-        if self_pad_mask is not None:
-            self_mask = self_mask[None, None] | self_pad_mask[:, None, None, :]  # (N, 1, T, P+T)
         cross_mask = src_pad_mask[:, None, None, :]  # (B, 1, 1, S): per sentence, as the cross K/V
         x = self.embed_tokens(tokens, positions, target=True)
         new_cache: list[KV] = []
@@ -317,6 +359,41 @@ class Transformer(nn.Module):
         logits = self.project(self.decoder_norm(x))  # (N, T, V)
         out = torch.log_softmax(logits.float(), dim=-1) if log_probs else logits
         return out, tuple(new_cache), alignment
+
+    def step_cache(self, n: int, capacity: int, device: torch.device | None = None, dtype: torch.dtype | None = None):
+        """A right-padded cache for :meth:`step`: per layer K/V (n, H, capacity, Dh) of zeros."""
+        shape = (n, self.config.n_heads, capacity, self.config.head_dim)
+        dtype = dtype or self.embed.weight.dtype
+        return tuple(
+            (torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+            for _ in self.decoder_layers
+        )
+
+    def step(
+        self, tokens: Tensor, positions: Tensor, cross: CrossKV, src_pad_mask: Tensor, cache: DecoderCache
+    ) -> tuple[Tensor, DecoderCache, Tensor]:
+        """The incremental decoder step of the exported graph: one token per row at its own position.
+
+        tokens (N, 1); positions (N, 1): each row's position, which is also its past length: row r's past
+        K/V fill slots [0, positions[r]) of the right-padded ``cache`` (per layer (N, H, C, Dh), C > every
+        position) and this step writes its K/V at slot positions[r]; the slots after are never read, so rows
+        at different positions need no mask. ``cross`` and ``src_pad_mask`` as in :meth:`decode_step` (one per
+        sentence for N = B x G rows in blocks of G). Returns log-probs (N, 1, V) float32, the present cache
+        (the same layout, one more slot filled per row) and the alignment layer's head-mean cross-attention
+        (N, 1, S). Same values as :meth:`decode_step` over the rows' own pasts.
+        """
+        lengths = positions[:, 0]  # (N,)
+        cross_mask = src_pad_mask[:, None, None, :]  # (B, 1, 1, S)
+        x = self.embed_tokens(tokens, positions, target=True)
+        present: list[KV] = []
+        alignment = None
+        for i, layer in enumerate(self.decoder_layers):
+            x, kv, cross_weights = layer.step(x, cache[i], lengths, cross[i], cross_mask)
+            present.append(kv)
+            if i == self.config.alignment_layer_index:
+                alignment = cross_weights.mean(dim=1)  # (N, 1, S)
+        logits = self.project(self.decoder_norm(x))  # (N, 1, V)
+        return torch.log_softmax(logits.float(), dim=-1), tuple(present), alignment
 
     def project(self, x: Tensor) -> Tensor:
         """(N, T, D) → logits (N, T, V): the output projection (tied or not) plus the logits bias if any."""

@@ -28,11 +28,16 @@ def test_decoder_axes_are_symbolic_and_there_is_no_control_flow(exported_model_d
     inputs = {v.name: axes(v) for v in graph.input}
     outputs = {v.name: axes(v) for v in graph.output}
     heads, head_dim = config.n_heads, config.head_dim
-    assert inputs["past_key_0"] == ["rows", heads, "past_len", head_dim]
-    assert inputs["self_pad_mask"] == ["rows", "past_len"]
+    assert inputs["past_key_0"] == ["rows", heads, "capacity", head_dim]  # right-padded, no mask input
+    assert "self_pad_mask" not in inputs
     assert inputs["positions"] == ["rows", 1]
     assert inputs["cross_value_1"] == ["sentences", heads, "src_len", head_dim]  # shared by the beams
-    assert outputs["present_value_1"] == ["rows", heads, "past_len + 1", head_dim]
+    assert outputs["present_value_1"] == ["rows", heads, "capacity", head_dim]  # the past's buffer, bound in place
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("GroupQueryAttention") == config.n_decoder_layers
+    past = {v for v in inputs if v.startswith("past_")}
+    readers = {n.op_type for n in graph.node if not set(n.input).isdisjoint(past)}
+    assert readers <= {"GroupQueryAttention", "Shape"}  # nothing copies the cache (no Concat, no Gather)
     assert outputs["scores"] == outputs["ids"] == ["rows", "k"]  # candidates, not the vocabulary-wide table
     assert config.vocab_size not in [d for value in outputs.values() for d in value]
     assert not {n.op_type for n in graph.node} & {"If", "Loop", "Scan"}

@@ -19,6 +19,7 @@ from model.decode import search_batch
 from model.decoding import DecodingOptions
 from model.runtime import OrtModel
 from model.search import Hypothesis
+from model.signature import CAPACITY_STEP
 from model.tokenizer import Tokenizer, pad_sources
 
 
@@ -39,15 +40,22 @@ def sources(served_model_dir: Path, copy_task_dir: Path) -> list[list[int]]:
     return tokenizer.encode_batch(lines)
 
 
-class Recording:
-    """A decoder session that keeps the feeds of every call."""
+def recording(model: OrtModel, fed: list[dict]) -> OrtModel:
+    """A copy of ``model`` whose decoder calls append their feeds (past and cross K/V included) to ``fed``."""
+    copied = copy.copy(model)
 
-    def __init__(self, session, fed: list[dict]) -> None:
-        self.session, self.fed = session, fed
+    def run_step(feeds, past, cross):
+        kv = zip(model.past_names + model.cross_names, [*past, *cross], strict=True)
+        fed.append({**feeds, **dict(kv)})
+        return model.run_step(feeds, past, cross)
 
-    def run(self, names, feeds):
-        self.fed.append(dict(feeds))
-        return self.session.run(names, feeds)
+    copied.run_step = run_step
+    return copied
+
+
+def step_position(batch: ContinuousBatch) -> int:
+    """The next call's largest position (0 when nothing is live)."""
+    return int(batch.search.positions().max(initial=0))
 
 
 def decode_alone(model: OrtModel, src: list[int], options: DecodingOptions) -> list[Hypothesis]:
@@ -124,18 +132,20 @@ def test_a_retired_sentence_frees_its_rows_and_cache(ort_model: OrtModel, source
         rows.append(batch.live_rows)
     assert retired == ["short"]
     assert rows[-2:] == [2 + 4, 2]  # the short sentence's 4 beams are gone right after it finished
-    assert step.n_rows == 2 and step.past_len == 2 + len(rows)  # the long one's cache: no padding left
+    assert step.n_rows == 2  # the short sentence's rows are freed at once
+    position = 2 + len(rows)  # the long one's: its cache holds that many slots, the next call writes one more
+    assert position < step.capacity <= position + CAPACITY_STEP  # room for the next steps, not much more
     fed: list[dict] = []
-    step.model = copy.copy(ort_model)
-    step.model.decoder = Recording(ort_model.decoder, fed)
+    step.model = recording(ort_model, fed)
     retired += [key for key, _ in batch.step()]
-    past = [fed[0][name] for name in ort_model.past_names]
-    assert all(kv.shape[:3] == (2, ort_model.config.n_heads, 2 + len(rows)) for kv in past)  # what the next call reads
-    assert all(kv.flags.c_contiguous for kv in past + step.cross)  # cut by a gather, not left as a view
+    past = [fed[0][name] for name in ort_model.past_names]  # what the next call reads: the long one's rows only
+    assert all(kv.shape[:2] == (2, ort_model.config.n_heads) for kv in past)
+    assert all(kv.flags.c_contiguous for kv in past + step.cross)  # kept by a gather, not left as a view
     while not batch.idle:
         retired += [key for key, _ in batch.step()]
+        assert step.capacity <= step_position(batch) + 2 * CAPACITY_STEP  # grows with the oldest row, no further
     assert retired == ["short", "long"]
-    assert step.n_rows == 0 and step.past_len == 0 and step.src_mask.shape == (0, 0)
+    assert step.n_rows == 0 and step.src_mask.shape == (0, 0)
 
 
 def test_cancelled_sentences_leave_at_once_and_the_others_decode_as_if_alone(
@@ -185,20 +195,9 @@ def test_beams_share_their_sentences_cross_kv_when_the_rows_come_in_blocks(
     K/V entry per sentence (rows = 4 x entries). A newcomer's first row among them is padded to a block of 4
     (the call feeds 4 rows more per entry than it decodes, less than a quarter more); many newcomers at once
     (6 first rows among 24) make the call feed one entry per row instead."""
-    fed: list[tuple[int, int]] = []  # (rows, cross entries) of each call
-
-    class Recording:
-        def __init__(self, session) -> None:
-            self.session = session
-
-        def run(self, names, feeds):
-            fed.append((feeds["tokens"].shape[0], feeds["cross_key_0"].shape[0]))
-            assert feeds["src_pad_mask"].shape[0] == feeds["cross_key_0"].shape[0]
-            return self.session.run(names, feeds)
-
+    feeds: list[dict] = []
     step = OrtRowStep(ort_model)
-    step.model = copy.copy(ort_model)
-    step.model.decoder = Recording(ort_model.decoder)
+    step.model = recording(ort_model, feeds)
     batch = ContinuousBatch(step, ort_model.config)
     options = DecodingOptions(beam_size=4)
     chosen = sources[:13]
@@ -215,6 +214,8 @@ def test_beams_share_their_sentences_cross_kv_when_the_rows_come_in_blocks(
         live.append(batch.live_sentences)
         results.update(batch.step())
         calls += 1
+    assert all(f["src_pad_mask"].shape[0] == f["cross_key_0"].shape[0] for f in feeds)
+    fed = [(f["tokens"].shape[0], f["cross_key_0"].shape[0]) for f in feeds]  # (rows, cross entries) of each call
     shared = [(rows, entries) for rows, entries in fed if entries < rows]
     assert len(shared) >= len(fed) // 2 and all(rows == 4 * entries for rows, entries in shared)
     assert fed[0] == (6, 6)  # one BOS row per sentence: blocks of one

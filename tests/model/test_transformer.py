@@ -52,6 +52,43 @@ def test_stepwise_decoding_equals_full_decoding(pre_norm: bool) -> None:
     assert full_attn[2, :, 2:].abs().max().item() == 0.0
 
 
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_the_right_padded_step_equals_full_decoding_with_rows_at_their_own_positions(pre_norm: bool) -> None:
+    """``Transformer.step`` (the exported step: a right-padded cache, each row at its own position, nothing
+    masked) gives each row what full decoding of its own prefix gives, while the rows' pasts differ in length
+    and the cache has room to spare; every step writes the row's K/V at its position and leaves the rest."""
+    model = make_model(pre_norm=pre_norm)
+    src, mask, tgt = make_batch()
+    with torch.no_grad():
+        memory = model.encode(src, mask)
+        full, _, full_attn = model.decode_step(tgt, torch.arange(tgt.shape[1]), memory, mask, None)
+        cross = model.cross_kv(memory)
+        cache = model.step_cache(3, 12)
+        start = torch.tensor([0, 3, 5])  # row r joins at step start[r]: rows at different positions from then on
+        done = torch.zeros(3, dtype=torch.long)  # tokens decoded per row
+        for t in range(tgt.shape[1] + 5):
+            active = (start <= t) & (done < tgt.shape[1])
+            rows = active.nonzero()[:, 0]
+            if not len(rows):
+                continue
+            positions = done[rows][:, None]  # (R, 1)
+            before = [(k.clone(), v.clone()) for k, v in cache]
+            sub = tuple((k[rows], v[rows]) for k, v in cache)
+            lp, present, attn = model.step(
+                tgt[rows, done[rows]][:, None], positions, tuple((k[rows], v[rows]) for k, v in cross), mask[rows], sub
+            )
+            for r, row in enumerate(rows.tolist()):
+                p = int(done[row])
+                assert (lp[r, 0] - full[row, p]).abs().max().item() <= 1e-5
+                assert (attn[r, 0] - full_attn[row, p]).abs().max().item() <= 1e-6
+                for (k, v), (pk, pv), (bk, _) in zip(present, cache, before, strict=True):
+                    pk[row], pv[row] = k[r], v[r]
+                    changed = (pk[row] != bk[row]).any(dim=-1).any(dim=0)  # (C,) slots written this step
+                    assert changed.nonzero()[:, 0].tolist() == [p]
+            done[rows] += 1
+    assert (done == tgt.shape[1]).all()
+
+
 def test_training_forward_matches_decode_step() -> None:
     model = make_model()
     src, mask, tgt = make_batch()
