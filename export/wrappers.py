@@ -7,7 +7,6 @@ These wrappers only flatten and unflatten, in the order that ``model.signature``
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from model.transformer import KV, Transformer, best_candidates
