@@ -145,7 +145,7 @@ class OrtRowStep:
             "top_k": np.zeros(min(k, self.model.config.vocab_size), dtype=np.int64),  # (k,)
             "src_pad_mask": src_mask,  # (M, S) per sentence, or (N, S) per row
         }
-        scores, ids, eos, cross_attn = self.model.run_step(feeds, self.past, cross)  # the K/V written in place
+        (scores, ids, eos, cross_attn), self.past = self.model.run_step(feeds, self.past, cross)  # K/V in place
         if padded is not None:  # back to one row per row; the padding rows' K/V are dropped by the next gather
             rows = padded.rows
             scores, ids, eos, cross_attn = scores[rows], ids[rows], eos[rows], cross_attn[rows]
