@@ -29,14 +29,21 @@ def make_batch(seed: int = 1):
     return src, src_pad_mask, tgt
 
 
-@pytest.mark.parametrize("pre_norm", [False, True])
-def test_stepwise_decoding_equals_full_decoding(pre_norm: bool) -> None:
-    model = make_model(pre_norm=pre_norm)
+def full_decoding(model: Transformer):
+    """``make_batch``'s source mask, target, cross K/V, and the full (teacher-forced) decoding's log-probs and
+    alignment, (3, 9, V) and (3, 9, S): the reference of the incremental steps."""
     src, mask, tgt = make_batch()
     with torch.no_grad():
         memory = model.encode(src, mask)
         full, _, full_attn = model.decode_step(tgt, torch.arange(tgt.shape[1]), memory, mask, None)
-        cross = model.cross_kv(memory)
+        return mask, tgt, model.cross_kv(memory), full, full_attn
+
+
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_stepwise_decoding_equals_full_decoding(pre_norm: bool) -> None:
+    model = make_model(pre_norm=pre_norm)
+    mask, tgt, cross, full, full_attn = full_decoding(model)
+    with torch.no_grad():
         cache = None
         steps, attns = [], []
         for t in range(tgt.shape[1]):
@@ -58,11 +65,8 @@ def test_the_right_padded_step_equals_full_decoding_with_rows_at_their_own_posit
     masked) gives each row what full decoding of its own prefix gives, while the rows' pasts differ in length
     and the cache has room to spare; every step writes the row's K/V at its position and leaves the rest."""
     model = make_model(pre_norm=pre_norm)
-    src, mask, tgt = make_batch()
+    mask, tgt, cross, full, full_attn = full_decoding(model)
     with torch.no_grad():
-        memory = model.encode(src, mask)
-        full, _, full_attn = model.decode_step(tgt, torch.arange(tgt.shape[1]), memory, mask, None)
-        cross = model.cross_kv(memory)
         cache = model.step_cache(3, 12)
         start = torch.tensor([0, 3, 5])  # row r joins at step start[r]: rows at different positions from then on
         done = torch.zeros(3, dtype=torch.long)  # tokens decoded per row
