@@ -13,6 +13,9 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 CHOICES = {"activation": ("relu", "swish", "gelu"), "positions": ("interleaved", "halves")}
 
 
+HEAD_DIM_MULTIPLE = 8  # onnxruntime's GroupQueryAttention (the exported decoder step) needs head sizes of 8k
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Hyper-parameters of the encoder-decoder Transformer (Vaswani et al., 2017, Table 3 names)."""
@@ -56,6 +59,15 @@ class ModelConfig:
             out.append(
                 f"n_heads ({self.n_heads}) must divide d_model ({self.d_model}); "
                 f"try n_heads in {[h for h in range(1, 17) if self.d_model % h == 0]}"
+            )
+        elif not out and (self.d_model // self.n_heads) % HEAD_DIM_MULTIPLE:
+            # The exported decoder step's self-attention is onnxruntime's GroupQueryAttention, which refuses
+            # other head sizes (INVALID_ARGUMENT at the first step): say so before any training.
+            fits = [h for h in range(1, 17) if self.d_model % h == 0 and (self.d_model // h) % HEAD_DIM_MULTIPLE == 0]
+            out.append(
+                f"d_model / n_heads ({self.d_model} / {self.n_heads} = {self.d_model // self.n_heads}) must be a "
+                f"multiple of {HEAD_DIM_MULTIPLE} (the exported decoder's attention op needs it); "
+                + (f"try n_heads in {fits}" if fits else f"choose d_model as a multiple of {HEAD_DIM_MULTIPLE}")
             )
         for name in ("dropout", "attention_dropout", "activation_dropout"):
             value = getattr(self, name)

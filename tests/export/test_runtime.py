@@ -9,8 +9,10 @@ import textwrap
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+import model.runtime as runtime
 from export.validate import step_parity
 from model import manifest
 from model.model_dir import ModelDirError, read_model_dir
@@ -26,6 +28,45 @@ def test_io_binding_step_function_equals_the_host_one(exported_model_dir: Path) 
         shapes=((5, 37, 11), (1, 1, 0)),
     )
     assert parity.max_abs_diff == 0.0
+
+
+def test_run_step_writes_each_rows_kv_in_place_at_its_position(
+    exported_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A big cache is written in place (the presents are the past buffers), each row's new K/V at its own
+    position and nowhere else; a plain run (what small caches get) gives the same outputs and slots; a row at
+    the cache's capacity is refused before the call."""
+    model = OrtModel.load(exported_model_dir, "fp32")
+    cfg, rng = model.config, np.random.default_rng(0)
+    rows, capacity, src_len = 64, 40, 5
+    assert rows * cfg.n_heads * capacity * cfg.head_dim >= runtime.IN_PLACE_MIN
+    positions = rng.integers(0, capacity, rows)
+    feeds = {
+        "tokens": rng.integers(4, cfg.vocab_size, (rows, 1)),
+        "positions": positions[:, None],
+        "top_k": np.zeros(3, dtype=np.int64),
+        "src_pad_mask": np.zeros((rows, src_len), dtype=bool),
+    }
+    shape = (rows, cfg.n_heads, capacity, cfg.head_dim)
+    past = [rng.standard_normal(shape).astype(np.float32) for _ in model.past_names]
+    cross = [rng.standard_normal((rows, cfg.n_heads, src_len, cfg.head_dim)).astype(np.float32) for _ in past]
+    before = [p.copy() for p in past]
+    out, present = model.run_step(dict(feeds), past, cross)
+    assert all(p is q for p, q in zip(present, past, strict=True))
+    for new, old in zip(present, before, strict=True):
+        changed = (new != old).any(axis=(1, 3))  # (rows, capacity) slots written
+        assert [np.flatnonzero(c).tolist() for c in changed] == [[p] for p in positions]
+    monkeypatch.setattr(runtime, "IN_PLACE_MIN", 1 << 40)  # every cache through a plain run
+    plain_out, plain_present = model.run_step(dict(feeds), before, cross)
+    assert all(p is not q for p, q in zip(plain_present, before, strict=True))
+    for a, b in zip(out, plain_out, strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(present, plain_present, strict=True):  # slots after a row's position: never read, may differ
+        for r, p in enumerate(positions):
+            np.testing.assert_array_equal(a[r, :, : p + 1], b[r, :, : p + 1])
+    feeds["positions"] = np.full((rows, 1), capacity)
+    with pytest.raises(ValueError, match="grow the cache before the step"):
+        model.run_step(feeds, before, cross)
 
 
 def test_a_graph_from_an_older_export_says_to_re_export(exported_model_dir: Path, tmp_path: Path) -> None:

@@ -175,6 +175,8 @@ def test_presets_match_table_3() -> None:
     ("changes", "message"),
     [
         (dict(d_model=30, n_heads=4), "n_heads (4) must divide d_model (30)"),
+        (dict(d_model=96, n_heads=8), "96 / 8 = 12) must be a multiple of 8 (the exported decoder's attention op"),
+        (dict(d_model=96, n_heads=8), "try n_heads in [1, 2, 3, 4, 6, 12]"),
         (dict(vocab_size=0), "vocab_size must be a positive integer"),
         (dict(dropout=1.5), "dropout must be in [0, 1)"),
         (dict(alignment_layer=5), "alignment_layer 5 is outside"),
