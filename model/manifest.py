@@ -56,9 +56,12 @@ def changed_files(onnx_dir: Path, manifest: dict[str, Any], names: set[str] | No
 
 
 def resolve_variant(manifest: dict, variant: str, device: str) -> str:
-    """``auto`` → on CUDA fp16 when the manifest recommends it (validation found it within 0.5 BLEU of fp32),
-    else fp32; on CPU int8 when the export's validation found it within ``AUTO_INT8_MAX_LOSS`` BLEU of fp32
-    (and its activation scales are static, so a translation does not depend on its batch), else fp32.
+    """``auto`` → on CUDA fp16 when the export has it, unless its validation found it losing more than 0.5 BLEU
+    against fp32 (not recommended with a measured BLEU): the decoder step's attention op
+    (GroupQueryAttention) has CUDA kernels for float16 and bfloat16 only, so fp32 on CUDA runs that op on the
+    CPU provider with the cache copied there and back every step; else fp32. On CPU int8 when the export's
+    validation found it within ``AUTO_INT8_MAX_LOSS`` BLEU of fp32 (and its activation scales are static, so a
+    translation does not depend on its batch), else fp32.
 
     int8 is about twice as fast on CPU at beam 4 but changes some translations (the bundled model: ~10% of
     sentences, BLEU −0.24 on val, −0.12 on test2016), so ``auto`` takes it only when the loss is within what
@@ -69,7 +72,9 @@ def resolve_variant(manifest: dict, variant: str, device: str) -> str:
     if variant != "auto":
         return variant
     if device == "cuda":
-        return "fp16" if variants.get("fp16", {}).get("recommended") else "fp32"
+        fp16 = variants.get("fp16")
+        usable = fp16 is not None and (fp16.get("recommended") or fp16.get("bleu") is None)  # not measured: usable
+        return "fp16" if usable else "fp32"
     int8, fp32 = variants.get("int8", {}), variants.get("fp32", {})
     validated = all(type(entry.get("bleu")) in (int, float) for entry in (int8, fp32))  # bool is no score
     if (

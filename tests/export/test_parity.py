@@ -106,9 +106,13 @@ def test_auto_serves_int8_on_cpu_only_within_the_default_paths_loss(exported_mod
     assert resolve_variant(manifest, "auto", "cpu") == "fp32"
     del manifest["variants"]["int8"]
     assert resolve_variant(manifest, "auto", "cpu") == "fp32"
-    manifest["variants"].setdefault("fp16", {})["recommended"] = True
+    manifest["variants"].pop("fp16", None)
+    assert resolve_variant(manifest, "auto", "cuda") == "fp32"  # no fp16 exported
+    manifest["variants"]["fp16"] = {"recommended": True, "bleu": 40.3}
     assert resolve_variant(manifest, "auto", "cuda") == "fp16"
-    manifest["variants"]["fp16"]["recommended"] = False
+    manifest["variants"]["fp16"] = {"recommended": False, "bleu": None}  # exported without a validation set
+    assert resolve_variant(manifest, "auto", "cuda") == "fp16"  # fp32 would run the attention op on the CPU there
+    manifest["variants"]["fp16"] = {"recommended": False, "bleu": 39.0}  # measured: loses too much
     assert resolve_variant(manifest, "auto", "cuda") == "fp32"
 
 
