@@ -30,7 +30,7 @@ import numpy as np
 from model.config import ModelConfig
 from model.decoding import DecodingOptions
 from model.runtime import OrtModel, RowGather
-from model.search import Hypothesis, SearchBatch, StepOutput, is_identity, sentence_blocks
+from model.search import Hypothesis, SearchBatch, StepOutput, is_identity, sentence_blocks, sentence_runs
 from model.signature import CAPACITY_STEP, MAX_CANDIDATES
 from model.tokenizer import pad_sources
 
@@ -189,8 +189,7 @@ class OrtRowStep:
         n = row_sentence.size
         if n == 0:
             return None
-        starts = np.flatnonzero(np.r_[True, row_sentence[1:] != row_sentence[:-1]])  # first row of each run
-        runs = np.diff(np.r_[starts, n])  # rows per run
+        starts, runs = sentence_runs(row_sentence)  # first row and rows of each run
         size = int(runs.max())
         extra = size * runs.size - n
         if extra == 0 or 4 * extra > n or not np.array_equal(row_sentence[starts], np.r_[self.sentences, ids]):

@@ -198,22 +198,28 @@ class OrtModel:
             run_feeds = {**feeds, **dict(zip(self.past_names + self.cross_names, [*past, *cross], strict=True))}
             scores, ids, eos, cross_attn, *present = self.decoder.run(None, run_feeds)
             return StepOutput(scores, ids, eos, cross_attn), present
+        past_values = [ort.OrtValue.ortvalue_from_numpy(_contiguous(a)) for a in past]  # shares the numpy memory
+        cross_values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in cross]
+        return self.run_in_place(feeds, past_values, cross_values), list(past)
+
+    def run_in_place(
+        self, feeds: dict[str, np.ndarray], past: Sequence[ort.OrtValue], cross: Sequence[ort.OrtValue]
+    ) -> StepOutput:
+        """One decoder call with the cache as OrtValues (host or device): each ``past`` value bound as its present
+        too, so the step writes its K/V into it; ``feeds`` go in from the host and the outputs come back there."""
         binding = self.decoder.io_binding()
         for name, array in feeds.items():
             binding.bind_cpu_input(name, array)
-        past_values = [ort.OrtValue.ortvalue_from_numpy(_contiguous(a)) for a in past]  # shares the numpy memory
-        for name, value in zip(self.past_names, past_values, strict=True):
+        for name, value in zip(self.past_names + self.cross_names, [*past, *cross], strict=True):
             binding.bind_ortvalue_input(name, value)
-        for name, array in zip(self.cross_names, cross, strict=True):
-            binding.bind_cpu_input(name, array)
         outputs = self.decoder_signature.output_names
         for name in outputs[:4]:
             binding.bind_output(name, "cpu")
-        for name, value in zip(outputs[4:], past_values, strict=True):  # present_* = past_*: in place
+        for name, value in zip(outputs[4:], past, strict=True):  # present_* = past_*: in place
             binding.bind_ortvalue_output(name, value)
         self.decoder.run_with_iobinding(binding)
         scores, ids, eos, cross_attn = (value.numpy() for value in binding.get_outputs()[:4])
-        return StepOutput(scores, ids, eos, cross_attn), list(past)
+        return StepOutput(scores, ids, eos, cross_attn)
 
     def empty_cache(self, n_rows: int, capacity: int = CAPACITY_STEP) -> list[np.ndarray]:
         """Right-padded self-attention K/V buffers for every layer, (n_rows, H, capacity, Dh) of zeros: no row
@@ -462,20 +468,7 @@ class IoBindingStepFunction(OrtStepFunction):
         return binding.get_outputs()
 
     def _run(self, feeds: dict[str, np.ndarray]) -> StepOutput:
-        decoder = self.model.decoder
-        binding = decoder.io_binding()
-        for name, array in feeds.items():
-            binding.bind_cpu_input(name, array)
-        for name, value in zip(self.model.past_names + self.model.cross_names, self.past + self.cross, strict=True):
-            binding.bind_ortvalue_input(name, value)
-        outputs = self.model.decoder_signature.output_names
-        for name in outputs[:4]:
-            binding.bind_output(name, "cpu")
-        for name, value in zip(outputs[4:], self.past, strict=True):  # present_* = past_*, in place on the device
-            binding.bind_ortvalue_output(name, value)
-        decoder.run_with_iobinding(binding)
-        scores, ids, eos, cross_attn = binding.get_outputs()[:4]
-        return StepOutput(scores.numpy(), ids.numpy(), eos.numpy(), cross_attn.numpy())
+        return self.model.run_in_place(feeds, self.past, self.cross)  # the cache written in place on the device
 
 
 def _gather_graph(n_tensors: int, dtype: np.dtype) -> bytes:

@@ -31,7 +31,7 @@ class TorchStepFunction:
         self.row_sentence = np.arange(src.shape[0])
         self.cross = self.base_cross
         self.mask = self.base_mask
-        self.cache = model.step_cache(src.shape[0], CAPACITY_STEP, device)  # right-padded, as the ONNX step's
+        self.cache = model.empty_cache(src.shape[0], device, capacity=CAPACITY_STEP)  # right-padded, as the ONNX step's
 
     def __call__(self, tokens: np.ndarray, step: int, reorder: np.ndarray | None, k: int) -> StepOutput:
         if reorder is not None and not is_identity(reorder, len(self.row_sentence)):

@@ -301,9 +301,12 @@ class Transformer(nn.Module):
         flat = self.decoder_layers[0].cross_attn._fused(memory, tuple(projections))  # 2L tensors (B, H, S, Dh)
         return tuple((flat[i], flat[i + 1]) for i in range(0, len(flat), 2))
 
-    def empty_cache(self, n: int, device: torch.device | None = None, dtype: torch.dtype | None = None) -> DecoderCache:
-        """A cache of past length 0, so the first step runs the same code as every later one."""
-        shape = (n, self.config.n_heads, 0, self.config.head_dim)
+    def empty_cache(
+        self, n: int, device: torch.device | None = None, dtype: torch.dtype | None = None, capacity: int = 0
+    ) -> DecoderCache:
+        """A cache of past length 0, so the first step runs the same code as every later one; ``capacity``: the
+        right-padded buffers of :meth:`step` instead, (n, H, capacity, Dh) of zeros per layer K/V."""
+        shape = (n, self.config.n_heads, capacity, self.config.head_dim)
         dtype = dtype or self.embed.weight.dtype
         return tuple(
             (torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
@@ -359,15 +362,6 @@ class Transformer(nn.Module):
         logits = self.project(self.decoder_norm(x))  # (N, T, V)
         out = torch.log_softmax(logits.float(), dim=-1) if log_probs else logits
         return out, tuple(new_cache), alignment
-
-    def step_cache(self, n: int, capacity: int, device: torch.device | None = None, dtype: torch.dtype | None = None):
-        """A right-padded cache for :meth:`step`: per layer K/V (n, H, capacity, Dh) of zeros."""
-        shape = (n, self.config.n_heads, capacity, self.config.head_dim)
-        dtype = dtype or self.embed.weight.dtype
-        return tuple(
-            (torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
-            for _ in self.decoder_layers
-        )
 
     def step(
         self, tokens: Tensor, positions: Tensor, cross: CrossKV, src_pad_mask: Tensor, cache: DecoderCache

@@ -67,7 +67,7 @@ def test_the_right_padded_step_equals_full_decoding_with_rows_at_their_own_posit
     model = make_model(pre_norm=pre_norm)
     mask, tgt, cross, full, full_attn = full_decoding(model)
     with torch.no_grad():
-        cache = model.step_cache(3, 12)
+        cache = model.empty_cache(3, capacity=12)
         start = torch.tensor([0, 3, 5])  # row r joins at step start[r]: rows at different positions from then on
         done = torch.zeros(3, dtype=torch.long)  # tokens decoded per row
         for t in range(tgt.shape[1] + 5):
