@@ -9,15 +9,13 @@ summation order: fp32 scores agree to ~1e-6 with the sentence decoded alone).
 
 :class:`OrtRowStep` is the step side over an :class:`OrtModel`'s fp32/int8/fp16 graphs on host buffers.
 Rows at different positions share one call through the step graph's right-padded self-attention cache: row r's
-past fills slots [0, position) of its buffer row and the call writes its new K/V at slot ``position`` in
-place (``OrtModel.run_step``); each row attends to its own slots only, so no mask and no padding of the pasts
-to a common length. The buffers are as wide as the oldest row needs (plus ``CAPACITY_STEP`` slots of room),
-and are gathered once per call when rows change (kept, retired, admitted). Source columns that are padding on
-every row are cut off the cross K/V. The cross-attention K/V are held once per live sentence; a call whose
-rows come in equal blocks per sentence (the usual case: every sentence at the service's beam size) feeds
-them so, its beams sharing them (the step graph's ``sentences`` axis). A newcomer's single first row among
-the beams is padded to a block (rows copying it, whose outputs are dropped) when that adds at most a quarter
-of the rows; any other call feeds one per row.
+past fills slots [0, position) of its cache row and the call writes its new K/V at slot ``position`` in place
+(``OrtModel.run_step``); each row attends to its own slots only, so no mask and no padding of the pasts to a
+common length. The cache rows are laid out in blocks, one per live sentence, and stay where they are while the
+search reorders its beams: a call copies only the rows whose cache row changes (a second child of a beam, a
+block moved into a retired sentence's place), not the whole cache. The cross-attention K/V are held once per
+live sentence, in block order; when the blocks are all the same size (every sentence at the service's beam
+size) the beams of a sentence share them (the step graph's ``sentences`` axis).
 """
 
 from __future__ import annotations
@@ -30,7 +28,7 @@ import numpy as np
 from model.config import ModelConfig
 from model.decoding import DecodingOptions
 from model.runtime import OrtModel, RowGather
-from model.search import Hypothesis, SearchBatch, StepOutput, is_identity, sentence_blocks, sentence_runs
+from model.search import Hypothesis, SearchBatch, StepOutput
 from model.signature import CAPACITY_STEP, MAX_CANDIDATES
 from model.tokenizer import pad_sources
 
@@ -72,13 +70,7 @@ class Admitted(NamedTuple):
 
     src_ids: np.ndarray  # (B, S) int64, EOS appended, right-padded
     src_pad_mask: np.ndarray  # (B, S) bool, True = padding
-
-
-class PaddedBlocks(NamedTuple):
-    """A call's rows padded to equal blocks per sentence (see :meth:`OrtRowStep._padded_blocks`)."""
-
-    source: np.ndarray  # (N',) the row each fed row copies (its own, or its sentence's first row for padding)
-    rows: np.ndarray  # (N,) the fed row of each row
+    beams: np.ndarray | None = None  # (B,) each one's beam size: the rows it will have (None: 1 each)
 
 
 class OrtRowStep:
@@ -88,36 +80,65 @@ class OrtRowStep:
     not named are freed at once (retired sentences, pruned beams). ``__call__(tokens (N,), positions (N,),
     k, admitted)`` then decodes the kept rows and, after them, one row per ``admitted`` sentence (N = R + B).
 
-    The cross-attention K/V are kept once per live sentence (``cross``, ``src_mask``, ``sentences``: the
-    id of each entry), in the order of the rows' blocks. A call whose rows come in equal blocks per sentence
-    (every live sentence at the same beam size, no newcomer on its first row) feeds them as they are, and
-    the beams of a sentence share its entry; any other call feeds one entry per row, gathered once and
-    reused while the rows' sentences stay the same.
+    The cache is laid out in **blocks**, one per live sentence, in the order of its cross K/V entries: block m
+    holds ``block[m]`` cache rows (its beam size; 1 for a newcomer's first call when padding all newcomers to
+    their beams would add over a quarter of the rows), and ``slot[i]`` is the cache row of the search's row i.
+    The search reorders its rows as it likes; the cache rows stay where they are: a beam that continues its
+    parent keeps the parent's cache row, and only a second child of a parent is copied, into a row of the
+    block no beam continues; a retired sentence's block is filled by the last block (and its cross K/V entry
+    by the last entry). So a call copies the rows whose cache row changed, not the whole cache. Every cache row
+    is fed to the decoder: rows of a block that no beam uses (a newcomer padded to its beam size) repeat the
+    block's first row and their outputs are dropped. When every block has the same size, the beams of a
+    sentence share its cross K/V entry (the step graph's ``sentences`` axis); otherwise each row is fed its
+    sentence's entry, gathered once and reused while the layout stays the same.
+
+    The buffers have room to spare (rows and slots; the decoder's attention reads each row's own slots only, so
+    spare slots cost memory, not time): the cache grows by half its slots when the oldest row needs more, and
+    is cut when it holds over twice what the rows need.
     """
 
     def __init__(self, model: OrtModel) -> None:
         self.model = model
         cfg = model.config
-        self.past = model.empty_cache(0)  # each (N, H, C, Dh), right-padded
-        self.cross = [np.zeros((0, cfg.n_heads, 0, cfg.head_dim), model.cache_dtype) for _ in model.cross_names]
-        self.src_mask = np.zeros((0, 0), dtype=bool)  # (M, S) for the M live sentences
-        self.sentences = np.zeros(0, dtype=np.int64)  # (M,) the sentence id of each cross K/V entry
+        self._past = model.empty_cache(0, capacity=CAPACITY_STEP)  # each (rows allocated, H, C, Dh), right-padded
+        self._cross = [np.zeros((0, cfg.n_heads, 0, cfg.head_dim), model.cache_dtype) for _ in model.cross_names]
+        self.src_mask = np.zeros((0, 0), dtype=bool)  # (M, S) for the M live sentences, in block order
+        self.sentences = np.zeros(0, dtype=np.int64)  # (M,) the sentence id of each block and cross K/V entry
+        self.block = np.zeros(0, dtype=np.int64)  # (M,) cache rows of each block
+        self.slot = np.zeros(0, dtype=np.int64)  # (N,) the cache row of each row
         self.row_sentence = np.zeros(0, dtype=np.int64)  # an id per admitted sentence, for each row
         self.next_sentence = 0
+        self.filled = 0  # slots some row has written (the largest position decoded + 1)
+        self.copied_rows = 0  # cache rows copied by keep() so far (second children, moved blocks)
         self.rows = RowGather()
-        # What keep() asked of the past and the next call applies, in the gather that also makes room for the
-        # newcomers (one copy of the cache per call, not one per keep plus one per admission):
-        self._reorder: np.ndarray | None = None  # the rows of ``past`` that continue, in order (None: all of them)
-        self._per_row: tuple[np.ndarray, list[np.ndarray], np.ndarray] | None = None  # (row_sentence, cross, mask)
+        self._layout = 0  # bumped when blocks move or change: the per-row cross K/V are gathered again
+        self._per_row: tuple[int, list[np.ndarray], np.ndarray] | None = None  # (layout, cross, mask)
 
     @property
     def n_rows(self) -> int:
         return self.row_sentence.size
 
     @property
+    def n_cache_rows(self) -> int:
+        """Cache rows in use (the rows each call feeds): the blocks' sizes added up."""
+        return int(self.block.sum())
+
+    @property
+    def past(self) -> list[np.ndarray]:
+        """The self-attention K/V of the cache rows in use, each (rows, H, C, Dh) (contiguous views)."""
+        n = self.n_cache_rows
+        return [buf[:n] for buf in self._past]
+
+    @property
+    def cross(self) -> list[np.ndarray]:
+        """The cross-attention K/V of the live sentences, each (M, H, S, Dh) (contiguous views)."""
+        m = self.sentences.size
+        return [buf[:m] for buf in self._cross]
+
+    @property
     def capacity(self) -> int:
         """Cache slots per row (the oldest row's past and room for the next steps)."""
-        return self.past[0].shape[2]
+        return self._past[0].shape[2]
 
     def __call__(self, tokens: np.ndarray, positions: np.ndarray, k: int, admitted: Admitted | None) -> StepOutput:
         if k > MAX_CANDIDATES:
@@ -128,144 +149,206 @@ class OrtRowStep:
         n_rows = self.n_rows + n_new
         if tokens.shape != (n_rows,) or positions.shape != (n_rows,):
             raise ValueError(f"{tokens.shape[0]} tokens and {positions.shape[0]} positions for {n_rows} rows")
-        tokens = np.asarray(tokens, dtype=np.int64)
-        positions = np.asarray(positions, dtype=np.int64)
-        padded = self._padded_blocks(n_new)
-        self._settle_past(n_new, padded, int(positions.max(initial=0)) + 1)
         if admitted is not None:
             self._add(admitted)
-        if padded is None:
-            cross, src_mask = self._cross_feed()
-        else:  # each sentence's rows padded to a block of G: the cross K/V once per sentence
-            tokens, positions = tokens[padded.source], positions[padded.source]
-            cross, src_mask = self.cross, self.src_mask
+        needed = int(positions.max(initial=0)) + 1
+        self._fit(self.n_cache_rows, needed)
+        fill = self._feed_rows()
+        tokens = np.asarray(tokens, dtype=np.int64)[fill]
+        positions = np.asarray(positions, dtype=np.int64)[fill]
+        cross, src_mask = self._cross_feed()
         feeds = {
-            "tokens": tokens[:, None],  # (N, 1)
-            "positions": positions[:, None],  # (N, 1): each row's past fills slots [0, position)
+            "tokens": tokens[:, None],  # (rows, 1)
+            "positions": positions[:, None],  # (rows, 1): each row's past fills slots [0, position)
             "top_k": np.zeros(min(k, self.model.config.vocab_size), dtype=np.int64),  # (k,)
-            "src_pad_mask": src_mask,  # (M, S) per sentence, or (N, S) per row
+            "src_pad_mask": src_mask,  # (M, S) per sentence, or (rows, S) per row
         }
-        (scores, ids, eos, cross_attn), self.past = self.model.run_step(feeds, self.past, cross)  # K/V in place
-        if padded is not None:  # back to one row per row; the padding rows' K/V are dropped by the next gather
-            rows = padded.rows
-            scores, ids, eos, cross_attn = scores[rows], ids[rows], eos[rows], cross_attn[rows]
-            self._reorder = rows
-        return StepOutput(scores, ids, eos, cross_attn)
+        past = self.past
+        (scores, ids, eos, cross_attn), present = self.model.run_step(feeds, past, cross)  # K/V in place
+        for buf, new in zip(past, present, strict=True):
+            if new is not buf:  # a small cache goes through a plain run (fresh arrays): back into the buffers
+                buf[...] = new
+        self.filled = max(self.filled, needed)
+        slot = self.slot  # back to the search's rows; unused rows' outputs dropped
+        return StepOutput(scores[slot], ids[slot], eos[slot], cross_attn[slot])
 
     def keep(self, reorder: np.ndarray) -> None:
-        """Keep the continuing rows (freeing the others); then keep the cross K/V of the live sentences only, in
-        the order of the rows' blocks, cut to the source columns they read.
-
-        The past K/V are gathered by the next call, once for every keep since the last one and the newcomers'
-        room. The cuts are made by gathers, into contiguous buffers: a sliced view given to onnxruntime would be
-        copied by it at every call (+1.5 ms per call of 95 rows, ~15%, measured).
-        """
+        """Keep the continuing rows (freeing the others): each keeps its parent's cache row, or (a second child
+        of a parent) is copied into a row of its block that no beam continues; blocks of sentences with no row
+        left are filled by the last blocks, their cross K/V entries by the last entries; the cross K/V are cut
+        to the source columns the live sentences read."""
         reorder = np.asarray(reorder, dtype=np.int64)
-        if not is_identity(reorder, self.n_rows):
-            self.row_sentence = self.row_sentence[reorder]
-            self._reorder = reorder if self._reorder is None else self._reorder[reorder]
-        order = sentence_blocks(self.row_sentence)
-        if order is None or len(np.unique(order)) < len(order):  # no equal blocks: the live ones, first-row order
-            _, first = np.unique(self.row_sentence, return_index=True)
-            order = self.row_sentence[np.sort(first)]
-        index = self._entries(order)
-        used = (~self.src_mask[index]).any(axis=0)  # (S,) source columns some live sentence reads
+        parent = self.slot[reorder]  # (R,) the cache row each kept row continues
+        self.row_sentence = self.row_sentence[reorder]
+        ends = np.cumsum(self.block)
+        old_start = ends - self.block
+        old_block = np.searchsorted(ends, parent, side="right")  # (R,) the block of each kept row
+        m_old = self.sentences.size
+        alive = np.zeros(m_old, dtype=bool)
+        alive[old_block] = True
+        order = _fill_holes(alive)  # (M',) the old block of each new block
+        moved_blocks = order.size != m_old or not np.array_equal(order, np.arange(m_old))
+        new_index = np.full(m_old, -1, dtype=np.int64)
+        new_index[order] = np.arange(order.size)
+        new_blk = new_index[old_block]  # (R,)
+        sizes = np.maximum(self.block[order], np.bincount(new_blk, minlength=order.size))  # a newcomer's grows
+        start = np.cumsum(sizes) - sizes
+        offset = parent - old_start[old_block]  # the parent's row within its block
+        first = np.zeros(reorder.size, dtype=bool)  # the first row continuing each parent keeps its cache row
+        first[np.unique(parent, return_index=True)[1]] = True
+        slot = np.empty(reorder.size, dtype=np.int64)
+        slot[first] = start[new_blk[first]] + offset[first]
+        if not first.all():  # the other children take the block's rows no beam continues, in order
+            claimed = np.zeros(int(sizes.sum()), dtype=bool)
+            claimed[slot[first]] = True
+            free = np.flatnonzero(~claimed)
+            free_blk = np.searchsorted(np.cumsum(sizes), free, side="right")
+            needy = np.flatnonzero(~first)
+            needy = needy[np.argsort(new_blk[needy], kind="stable")]
+            blk = new_blk[needy]
+            rank = np.arange(needy.size) - np.searchsorted(blk, blk)
+            slot[needy] = free[np.searchsorted(free_blk, blk) + rank]
+        self._fit(max(int(sizes.sum()), self.n_cache_rows))  # rows for blocks that grew (a newcomer's beams)
+        copy = slot != parent
+        if copy.any():  # one gather of the rows that move (into a temporary first: sources and targets may overlap)
+            src, dst, filled = parent[copy], slot[copy], self.filled
+            for buf in self._past:
+                buf[dst, :, :filled] = buf[src, :, :filled]
+            self.copied_rows += dst.size
+        self.slot = slot
+        changed = moved_blocks or not np.array_equal(sizes, self.block[order])
+        self.block = sizes
+        if moved_blocks:
+            self._keep_entries(order)
+        if changed:
+            self._layout += 1
+        if not self.sentences.size:  # nothing live: start afresh (small buffers, no slots)
+            self._reset()
+
+    def _reset(self) -> None:
+        next_sentence, rows, copied = self.next_sentence, self.rows, self.copied_rows
+        self.__init__(self.model)
+        self.next_sentence, self.rows, self.copied_rows = next_sentence, rows, copied
+
+    def _keep_entries(self, order: np.ndarray) -> None:
+        """The cross K/V entries and source mask rows of the blocks in ``order`` (old entry indices), cut to the
+        source columns the live sentences read."""
+        mask = self.src_mask[order]
+        used = (~mask).any(axis=0)  # (S,) source columns some live sentence reads
         width = int(np.flatnonzero(used)[-1]) + 1 if used.any() else 0
-        if not is_identity(index, len(self.sentences)) or width < self.src_mask.shape[1]:
-            self.cross = self.rows.many("cross", [kv[:, :, :width] for kv in self.cross], index)
-            self.src_mask = self.src_mask[index, :width]
-            self.sentences = order
+        if width < mask.shape[1]:  # a copy of every entry into narrower buffers (the widest sentence left)
+            cfg = self.model.config
+            shape = (max(order.size, 1) * 3 // 2 + 4, cfg.n_heads, width, cfg.head_dim)
+            cross = [np.zeros(shape, self.model.cache_dtype) for _ in self._cross]
+            for new, old in zip(cross, self._cross, strict=True):
+                new[: order.size] = old[order, :, :width]
+            self._cross = cross
+        else:  # entries that move: the last ones into the retired ones' places
+            moved = np.flatnonzero(order != np.arange(order.size))
+            for buf in self._cross:
+                buf[moved] = buf[order[moved]]
+        self.src_mask = mask[:, :width]
+        self.sentences = self.sentences[order]
 
-    def _padded_blocks(self, n_new: int) -> PaddedBlocks | None:
-        """The rows of the next call (the kept ones, then one per newcomer) laid out in equal blocks of G per
-        sentence, padding rows copying their sentence's first row, when that pays: the cross K/V then go in once
-        per sentence (its rows read them as one block) instead of once per row (a gather of every row's cross
-        K/V, and G reads of each in the graph). A newcomer's first row is what breaks the blocks: it has one row
-        where the others have their beams. None when the rows already come in blocks, when a sentence's rows are
-        not side by side in the order of the cross K/V entries, or when padding would add over a quarter of
-        the rows."""
-        ids = np.arange(self.next_sentence, self.next_sentence + n_new)
-        row_sentence = np.concatenate([self.row_sentence, ids])
-        n = row_sentence.size
-        if n == 0:
-            return None
-        starts, runs = sentence_runs(row_sentence)  # first row and rows of each run
-        size = int(runs.max())
-        extra = size * runs.size - n
-        if extra == 0 or 4 * extra > n or not np.array_equal(row_sentence[starts], np.r_[self.sentences, ids]):
-            return None
-        offset = np.arange(size)  # (G,)
-        source = np.where(offset < runs[:, None], starts[:, None] + offset, starts[:, None])  # (sentences, G)
-        rows = np.repeat(np.arange(runs.size) * size, runs) + np.arange(n) - np.repeat(starts, runs)  # (n,)
-        return PaddedBlocks(source.reshape(-1), rows)
-
-    def _settle_past(self, n_new: int, padded: PaddedBlocks | None, needed: int) -> None:
-        """Apply the kept rows to the past K/V, with ``n_new`` rows after them for the newcomers (``padded``: in
-        the call's padded blocks), in buffers with room for ``needed`` slots (the oldest row's past and this
-        call's K/V): one gather into contiguous buffers (none when nothing changed), a copy more when the buffers
-        grow (every ``CAPACITY_STEP`` steps of the oldest row) or shrink (its sentence retired)."""
-        capacity = self.capacity
-        if capacity < needed or capacity > needed + 2 * CAPACITY_STEP:
-            capacity = needed + CAPACITY_STEP - 1
-        if self._reorder is None and not n_new and padded is None and capacity == self.capacity:
+    def _fit(self, n: int, needed: int | None = None) -> None:
+        """Buffers with room for ``n`` cache rows and ``needed`` slots (None: as they are): grown by half when
+        they are short, cut when they hold over twice the slots needed (a long sentence retired) or four times
+        the rows. The rows in use keep their contents."""
+        rows, capacity = self._past[0].shape[0], self.capacity
+        new_rows = n + n // 2 + 4 if n > rows or rows > 4 * n + 64 else rows
+        new_capacity = capacity
+        if needed is not None and needed > capacity:
+            new_capacity = needed + max(CAPACITY_STEP, capacity // 2)
+        elif needed is not None and capacity > 2 * needed + 4 * CAPACITY_STEP:
+            new_capacity = needed + CAPACITY_STEP
+        if (new_rows, new_capacity) == (rows, capacity):
             return
-        index = self._reorder
-        if padded is not None:
-            index = np.arange(self.past[0].shape[0]) if index is None else index
-            old = padded.source[padded.source < index.size]  # the kept rows' physical rows come first
-            index, n_new = index[old], padded.source.size - old.size
-        self.past = self.rows.many("past", self.past, index, zeros=n_new, capacity=capacity)
-        self._reorder = None
+        cfg = self.model.config
+        shape = (new_rows, cfg.n_heads, new_capacity, cfg.head_dim)
+        past = [np.zeros(shape, self.model.cache_dtype) for _ in self._past]
+        keep_rows, keep_slots = min(self.n_cache_rows, rows, new_rows), min(self.filled, capacity, new_capacity)
+        for new, old in zip(past, self._past, strict=True):
+            new[:keep_rows, :, :keep_slots] = old[:keep_rows, :, :keep_slots]
+        self._past = past
 
-    def _entries(self, ids: np.ndarray) -> np.ndarray:
-        """The index into ``cross`` of each sentence id in ``ids``."""
-        if np.array_equal(ids, self.sentences):
-            return np.arange(len(ids))
-        sorter = np.argsort(self.sentences)
-        index = sorter[np.searchsorted(self.sentences, ids, sorter=sorter).clip(max=len(sorter) - 1)]
-        if len(ids) and not np.array_equal(self.sentences[index], ids):  # a row of a sentence with no entry
-            raise RuntimeError(f"rows of sentences {sorted(set(ids) - set(self.sentences))} have no cross K/V")
-        return index
+    def _feed_rows(self) -> np.ndarray:
+        """(cache rows,) the search's row each cache row is fed: its own, or for a row no beam uses, its block's
+        first row (its outputs are dropped)."""
+        ends = np.cumsum(self.block)
+        blk = np.searchsorted(ends, self.slot, side="right")  # (N,) the block of each row
+        first = np.empty(self.block.size, dtype=np.int64)
+        first[blk[::-1]] = np.arange(blk.size)[::-1]  # the first row of each block (every block has one)
+        fill = np.repeat(first, self.block)
+        fill[self.slot] = np.arange(self.slot.size)
+        return fill
 
     def _cross_feed(self) -> tuple[list[np.ndarray], np.ndarray]:
-        """The cross K/V and source mask to feed: one per sentence when the rows' blocks are the entries, in
-        order; else one per row (gathered when the rows' sentences change, reused while they do not)."""
-        if np.array_equal(sentence_blocks(self.row_sentence), self.sentences):
+        """The cross K/V and source mask to feed: one entry per sentence when the blocks are all the same size
+        (its rows share it); else one per cache row (gathered when the layout changes, reused while it does not)."""
+        if self.block.size == 0 or (self.block == self.block[0]).all():
             return self.cross, self.src_mask
         cached = self._per_row
-        if cached is None or not np.array_equal(cached[0], self.row_sentence):
-            index = self._entries(self.row_sentence)
+        if cached is None or cached[0] != self._layout:
+            index = np.repeat(np.arange(self.block.size), self.block)  # (rows,) the entry of each cache row
             cross = self.rows.many("row_cross", self.cross, index)
-            cached = self._per_row = (self.row_sentence, cross, self.src_mask[index])
+            cached = self._per_row = (self._layout, cross, self.src_mask[index])
         return cached[1], cached[2]
 
     def _add(self, admitted: Admitted) -> None:
-        """Encode the newcomers and append them: their cross K/V (sources padded to a common width) and one row
-        each, with an all-masked past (its zeros made by ``_settle_past``)."""
+        """Encode the newcomers and append them: their cross K/V (sources padded to a common width) and a block
+        each, of their beam size when padding every newcomer's first row to it adds at most a quarter of the
+        rows (the cross K/V then stay one per sentence), else of one row (it grows when the beams come)."""
         src_mask = np.asarray(admitted.src_pad_mask, dtype=bool)
         n_new, new_len = src_mask.shape
         n_old, old_len = self.src_mask.shape
         width = max(new_len, old_len)
-        # One copy of the old entries into buffers sized for all (no pad-then-concatenate double copy).
+        cfg = self.model.config
+        if n_old + n_new > self._cross[0].shape[0] or width > old_len:  # no room: bigger buffers, one copy
+            shape = ((n_old + n_new) * 3 // 2 + 4, cfg.n_heads, width, cfg.head_dim)  # (M', H, width, Dh)
+            cross = [np.zeros(shape, self.model.cache_dtype) for _ in self._cross]
+            for buf, old in zip(cross, self._cross, strict=True):
+                buf[:n_old, :, :old_len] = old[:n_old]
+            self._cross = cross
         mask = np.ones((n_old + n_new, width), dtype=bool)  # (M + B, width) True = padding
         mask[:n_old, :old_len], mask[n_old:, :new_len] = self.src_mask, src_mask
         self.src_mask = mask
-        cfg = self.model.config
-        shape = (n_old + n_new, cfg.n_heads, width, cfg.head_dim)  # (M + B, H, width, Dh)
-        cross = [np.zeros(shape, self.model.cache_dtype) for _ in self.cross]
-        for buf, old in zip(cross, self.cross, strict=True):
-            buf[:n_old, :, :old_len] = old
+        for buf in self._cross:
+            buf[n_old : n_old + n_new] = 0  # padding columns are masked, never NaN from a previous entry
         lengths = (~src_mask).sum(axis=1)
         for group in length_groups(lengths):  # the newcomers in runs of similar length, each padded to its longest
             longest = int(lengths[group].max())
             encoded = self.model.encode(admitted.src_ids[group, :longest], src_mask[group, :longest])
-            for buf, new in zip(cross, encoded, strict=True):  # new: (b, H, longest, Dh)
+            for buf, new in zip(self._cross, encoded, strict=True):  # new: (b, H, longest, Dh)
                 buf[n_old + group, :, :longest] = new
-        self.cross = cross
+        beams = np.ones(n_new, dtype=np.int64) if admitted.beams is None else np.asarray(admitted.beams, np.int64)
+        rows = self.n_cache_rows
+        padded = rows + int(beams.sum())
+        same = self.block.size == 0 or (self.block == self.block[0]).all()
+        pad = (
+            same
+            and (beams == (self.block[0] if self.block.size else beams[0])).all()
+            and 4 * (padded - rows - n_new) <= padded
+        )
+        sizes = beams if pad else np.ones(n_new, dtype=np.int64)
+        self.slot = np.concatenate([self.slot, rows + np.cumsum(sizes) - sizes])
+        self.block = np.concatenate([self.block, sizes])
         ids = np.arange(self.next_sentence, self.next_sentence + n_new)
         self.sentences = np.concatenate([self.sentences, ids])
         self.row_sentence = np.concatenate([self.row_sentence, ids])
         self.next_sentence += n_new
+        self._layout += 1
+
+
+def _fill_holes(alive: np.ndarray) -> np.ndarray:
+    """The order of the surviving blocks (old indices) when each dead block's place is taken by the last
+    surviving one: survivors before the new end stay where they are."""
+    survivors = np.flatnonzero(alive)
+    m = survivors.size
+    order = np.arange(m)
+    holes = np.flatnonzero(~alive[:m])  # places to fill, in order
+    tail = survivors[survivors >= m]  # survivors past the new end, moved into them
+    order[holes] = tail
+    return order
 
 
 class ContinuousBatch:
@@ -317,7 +400,8 @@ class ContinuousBatch:
             lengths = (~src_mask).sum(axis=1)  # with the EOS: the sentence's attention columns
             for (key, _, options), length in zip(self.pending, lengths.tolist(), strict=True):
                 search.admit(key, length - 1, options, attention_width=length)
-            admitted = Admitted(src_ids, src_mask)
+            beams = np.array([options.beam_size for _, _, options in self.pending], dtype=np.int64)
+            admitted = Admitted(src_ids, src_mask, beams)
             self.pending = []
         if not search.live:
             return []

@@ -228,6 +228,50 @@ def test_beams_share_their_sentences_cross_kv_when_the_rows_come_in_blocks(
         np.testing.assert_allclose([h.score for h in results[i]], [h.score for h in alone], rtol=1e-5, atol=1e-5)
 
 
+def test_beams_keep_their_cache_rows_and_a_retired_sentences_block_is_filled_by_the_last(
+    ort_model: OrtModel, sources: list[list[int]]
+) -> None:
+    """The cache rows stay where they are while the search reorders its beams: a call copies only a second
+    child of a parent into a row no beam continues (rows - distinct parents), and a retired sentence's block
+    takes the last block's rows (at most one block of 4 per retired sentence), not the whole cache."""
+    step = OrtRowStep(ort_model)
+    batch = ContinuousBatch(step, ort_model.config)
+    options = DecodingOptions(beam_size=4)
+    chosen = sorted(sources, key=len)[::25][:10]  # mixed lengths: sentences retire at different steps
+    for i, src in enumerate(chosen):
+        batch.admit(i, src, options)
+    keep = step.keep
+    checked = {"reorders": 0, "retirements": 0, "gathered": 0}
+
+    def checking_keep(reorder: np.ndarray) -> None:
+        if not (reorder.size == step.n_rows and (reorder == np.arange(reorder.size)).all()):
+            checked["gathered"] += reorder.size  # what a gather of the kept rows (the layout before) copied
+        before, blocks_before = step.copied_rows, step.block.copy()
+        parents = np.unique(step.slot[reorder]).size
+        retired = step.sentences.size - np.unique(step.row_sentence[reorder]).size
+        keep(reorder)
+        copied = step.copied_rows - before
+        if (blocks_before == 4).all():  # every block at the beam size (after the newcomers' first call)
+            assert copied <= reorder.size - parents + 4 * retired
+            if retired == 0:
+                assert copied == reorder.size - parents
+                checked["reorders"] += reorder.size > parents
+            else:
+                checked["retirements"] += 1
+        assert (step.block == 4).all() or (blocks_before == 1).all()  # blocks of the beam size (1 on the first call)
+
+    step.keep = checking_keep
+    results = {}
+    while not batch.idle:
+        results.update(batch.step())
+    assert checked["reorders"] >= 3 and checked["retirements"] >= 3
+    assert step.copied_rows < checked["gathered"] / 2
+    for i, src in enumerate(chosen):
+        alone = decode_alone(ort_model, src, options)
+        assert [h.tokens for h in results[i]] == [h.tokens for h in alone]
+        np.testing.assert_allclose([h.score for h in results[i]], [h.score for h in alone], rtol=1e-5, atol=1e-5)
+
+
 def test_newcomers_are_encoded_in_runs_of_similar_length_at_the_least_padded_cost() -> None:
     rng = np.random.default_rng(3)
     for _ in range(200):
