@@ -94,7 +94,7 @@ class OrtRowStep:
 
     The buffers have room to spare (rows and slots; the decoder's attention reads each row's own slots only, so
     spare slots cost memory, not time): the cache grows by half its slots when the oldest row needs more, and
-    is cut when it holds over twice what the rows need.
+    is cut when it holds over four times what the rows need.
     """
 
     def __init__(self, model: OrtModel) -> None:
@@ -252,14 +252,14 @@ class OrtRowStep:
 
     def _fit(self, n: int, needed: int | None = None) -> None:
         """Buffers with room for ``n`` cache rows and ``needed`` slots (None: as they are): grown by half when
-        they are short, cut when they hold over twice the slots needed (a long sentence retired) or four times
-        the rows. The rows in use keep their contents."""
+        they are short, cut when they hold over four times the slots needed (a long sentence retired) or the
+        rows (and 64 more). The rows in use keep their contents."""
         rows, capacity = self._past[0].shape[0], self.capacity
         new_rows = n + n // 2 + 4 if n > rows or rows > 4 * n + 64 else rows
         new_capacity = capacity
         if needed is not None and needed > capacity:
             new_capacity = needed + max(CAPACITY_STEP, capacity // 2)
-        elif needed is not None and capacity > 2 * needed + 4 * CAPACITY_STEP:
+        elif needed is not None and capacity > 4 * needed + 16 * CAPACITY_STEP:
             new_capacity = needed + CAPACITY_STEP
         if (new_rows, new_capacity) == (rows, capacity):
             return
@@ -274,11 +274,15 @@ class OrtRowStep:
     def _feed_rows(self) -> np.ndarray:
         """(cache rows,) the search's row each cache row is fed: its own, or for a row no beam uses, its block's
         first row (its outputs are dropped)."""
+        fill = np.empty(self.n_cache_rows, dtype=np.int64)
+        if fill.size == self.slot.size:  # every cache row in use (the usual case): the inverse of ``slot``
+            fill[self.slot] = np.arange(self.slot.size)
+            return fill
         ends = np.cumsum(self.block)
         blk = np.searchsorted(ends, self.slot, side="right")  # (N,) the block of each row
         first = np.empty(self.block.size, dtype=np.int64)
         first[blk[::-1]] = np.arange(blk.size)[::-1]  # the first row of each block (every block has one)
-        fill = np.repeat(first, self.block)
+        fill[:] = np.repeat(first, self.block)
         fill[self.slot] = np.arange(self.slot.size)
         return fill
 
