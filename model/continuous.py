@@ -109,7 +109,9 @@ class OrtRowStep:
         self.row_sentence = np.zeros(0, dtype=np.int64)  # an id per admitted sentence, for each row
         self.next_sentence = 0
         self.filled = 0  # slots some row has written (the largest position decoded + 1)
+        self.written = np.zeros(0, dtype=np.int64)  # (cache rows,) slots each cache row has written
         self.copied_rows = 0  # cache rows copied by keep() so far (second children, moved blocks)
+        self.copied_slots = 0  # and their slots (rows x slots copied)
         self.rows = RowGather()
         self._layout = 0  # bumped when blocks move or change: the per-row cross K/V are gathered again
         self._per_row: tuple[int, list[np.ndarray], np.ndarray] | None = None  # (layout, cross, mask)
@@ -169,6 +171,7 @@ class OrtRowStep:
             if new is not buf:  # a small cache goes through a plain run (fresh arrays): back into the buffers
                 buf[...] = new
         self.filled = max(self.filled, needed)
+        self.written = positions + 1
         slot = self.slot  # back to the search's rows; unused rows' outputs dropped
         return StepOutput(scores[slot], ids[slot], eos[slot], cross_attn[slot])
 
@@ -210,11 +213,8 @@ class OrtRowStep:
             slot[needy] = free[np.searchsorted(free_blk, blk) + rank]
         self._fit(max(int(sizes.sum()), self.n_cache_rows))  # rows for blocks that grew (a newcomer's beams)
         copy = slot != parent
-        if copy.any():  # one gather of the rows that move (into a temporary first: sources and targets may overlap)
-            src, dst, filled = parent[copy], slot[copy], self.filled
-            for buf in self._past:
-                buf[dst, :, :filled] = buf[src, :, :filled]
-            self.copied_rows += dst.size
+        if copy.any():
+            self._copy_rows(parent[copy], slot[copy])
         self.slot = slot
         changed = moved_blocks or not np.array_equal(sizes, self.block[order])
         self.block = sizes
@@ -225,10 +225,31 @@ class OrtRowStep:
         if not self.sentences.size:  # nothing live: start afresh (small buffers, no slots)
             self._reset()
 
+    def _copy_rows(self, src: np.ndarray, dst: np.ndarray) -> None:
+        """Copy cache rows ``src`` to ``dst`` (all read before any is written: they may overlap), the slots each
+        has written: the rows in two groups when their lengths differ widely (a long sentence's rows beside
+        short ones'), each group up to its longest."""
+        written = np.zeros(max(self.written.size, self.n_cache_rows, int(dst.max()) + 1), dtype=np.int64)
+        written[: self.written.size] = self.written
+        lengths = written[src]
+        middle = (int(lengths.max()) + int(lengths.min())) // 2
+        groups = [lengths <= middle, lengths > middle] if lengths.max() > 2 * lengths.min() + 8 else [slice(None)]
+        taken = []  # every group's rows read before any is written (a target may be another group's source)
+        for group in groups:
+            length = int(lengths[group].max())
+            taken.append((dst[group], length, [buf[src[group], :, :length] for buf in self._past]))
+            self.copied_slots += taken[-1][0].size * length
+        for rows, length, values in taken:
+            for buf, value in zip(self._past, values, strict=True):
+                buf[rows, :, :length] = value
+        written[dst] = lengths
+        self.written = written
+        self.copied_rows += dst.size
+
     def _reset(self) -> None:
-        next_sentence, rows, copied = self.next_sentence, self.rows, self.copied_rows
+        kept = self.next_sentence, self.rows, self.copied_rows, self.copied_slots
         self.__init__(self.model)
-        self.next_sentence, self.rows, self.copied_rows = next_sentence, rows, copied
+        self.next_sentence, self.rows, self.copied_rows, self.copied_slots = kept
 
     def _keep_entries(self, order: np.ndarray) -> None:
         """The cross K/V entries and source mask rows of the blocks in ``order`` (old entry indices), cut to the
@@ -270,6 +291,7 @@ class OrtRowStep:
         for new, old in zip(past, self._past, strict=True):
             new[:keep_rows, :, :keep_slots] = old[:keep_rows, :, :keep_slots]
         self._past = past
+        self.filled = keep_slots
 
     def _feed_rows(self) -> np.ndarray:
         """(cache rows,) the search's row each cache row is fed: its own, or for a row no beam uses, its block's

@@ -272,6 +272,28 @@ def test_beams_keep_their_cache_rows_and_a_retired_sentences_block_is_filled_by_
         np.testing.assert_allclose([h.score for h in results[i]], [h.score for h in alone], rtol=1e-5, atol=1e-5)
 
 
+def test_a_copied_row_copies_the_slots_it_has_written_not_the_oldest_rows(
+    ort_model: OrtModel, sources: list[list[int]]
+) -> None:
+    """Short sentences' beams copied beside a long sentence's row copy their own few slots, not the long one's."""
+    step = OrtRowStep(ort_model)
+    batch = ContinuousBatch(step, ort_model.config)
+    long = DecodingOptions(beam_size=1, min_length=30)  # one row (never copied), live for 30 steps at least
+    batch.admit("long", max(sources, key=len), long)
+    for _ in range(12):
+        batch.step()
+    shorts = sorted(sources, key=len)[:6]
+    for i, src in enumerate(shorts):
+        batch.admit(i, src, DecodingOptions(beam_size=4, max_length=4))  # at most 5 slots written each
+    rows, slots, done = step.copied_rows, step.copied_slots, set()
+    while len(done) < len(shorts):
+        done |= {key for key, _ in batch.step()}
+    assert "long" not in done and step_position(batch) > 12 + 4
+    copied_rows, copied_slots = step.copied_rows - rows, step.copied_slots - slots
+    assert copied_rows >= 6 * 3  # every short sentence's second to fourth beams at least
+    assert copied_slots <= 5 * copied_rows
+
+
 def test_newcomers_are_encoded_in_runs_of_similar_length_at_the_least_padded_cost() -> None:
     rng = np.random.default_rng(3)
     for _ in range(200):
