@@ -64,6 +64,16 @@ def decode_alone(model: OrtModel, src: list[int], options: DecodingOptions) -> l
     return hyps
 
 
+def assert_decoded_as_if_alone(
+    model: OrtModel, chosen: list[list[int]], options: DecodingOptions, results: dict[object, list[Hypothesis]]
+) -> None:
+    """Each sentence's hypotheses (``results[i]`` for ``chosen[i]``) equal the sentence decoded alone."""
+    for i, src in enumerate(chosen):
+        alone = decode_alone(model, src, options)
+        assert [h.tokens for h in results[i]] == [h.tokens for h in alone]
+        np.testing.assert_allclose([h.score for h in results[i]], [h.score for h in alone], rtol=1e-5, atol=1e-5)
+
+
 def random_options(rng: np.random.Generator) -> DecodingOptions:
     beam = int(rng.integers(1, 6))
     max_length = [None, None, None, 3][rng.integers(4)]  # some sentences end at their max length
@@ -222,10 +232,7 @@ def test_beams_share_their_sentences_cross_kv_when_the_rows_come_in_blocks(
     assert fed[0] == (6, 6)  # one BOS row per sentence: blocks of one
     assert fed[3][0] == fed[3][1] > 6 + 6  # six newcomers' first rows among beams: one entry per row
     assert fed[5] == (4 * (live[5] + 1), live[5] + 1)  # one newcomer's first row padded to a block of 4
-    for i, src in enumerate(chosen):
-        alone = decode_alone(ort_model, src, options)
-        assert [h.tokens for h in results[i]] == [h.tokens for h in alone]
-        np.testing.assert_allclose([h.score for h in results[i]], [h.score for h in alone], rtol=1e-5, atol=1e-5)
+    assert_decoded_as_if_alone(ort_model, chosen, options, results)
 
 
 def test_beams_keep_their_cache_rows_and_a_retired_sentences_block_is_filled_by_the_last(
@@ -266,10 +273,7 @@ def test_beams_keep_their_cache_rows_and_a_retired_sentences_block_is_filled_by_
         results.update(batch.step())
     assert checked["reorders"] >= 3 and checked["retirements"] >= 3
     assert step.copied_rows < checked["gathered"] / 2
-    for i, src in enumerate(chosen):
-        alone = decode_alone(ort_model, src, options)
-        assert [h.tokens for h in results[i]] == [h.tokens for h in alone]
-        np.testing.assert_allclose([h.score for h in results[i]], [h.score for h in alone], rtol=1e-5, atol=1e-5)
+    assert_decoded_as_if_alone(ort_model, chosen, options, results)
 
 
 def test_a_copied_row_copies_the_slots_it_has_written_not_the_oldest_rows(
