@@ -85,7 +85,8 @@ def test_a_broken_graph_fails_the_checker_first(exported_model_dir: Path, tmp_pa
 
 def test_int8_matmuls_take_quantized_inputs_and_residuals_stay_float(exported_model_dir: Path, tmp_path: Path) -> None:
     """QDQ int8: every weight MatMul reads an 8-bit activation and gives a float result (one fused
-    MatMulIntegerToFloat per MatMul once onnxruntime optimizes it), and nothing else reads a rounded one."""
+    MatMulIntegerToFloat per MatMul once onnxruntime optimizes it; those with a bias are written so by the
+    exporter, the bias inside), and nothing else reads a rounded one."""
     import onnxruntime as ort
 
     path = exported_model_dir / "onnx" / "decoder.int8.onnx"
@@ -104,10 +105,19 @@ def test_int8_matmuls_take_quantized_inputs_and_residuals_stay_float(exported_mo
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
-    weights = sum(
-        1
+    qdq = [
+        n
         for n in graph.node
         if n.op_type == "MatMul" and n.input[1] in producer and producer[n.input[1]].op_type == "DequantizeLinear"
+    ]
+    biased = [n for n in graph.node if n.op_type == "MatMulIntegerToFloat"]  # written by the exporter, bias inside
+    initializers = {init.name for init in graph.initializer}
+    assert biased and all(len(n.input) == 7 and n.input[6] in initializers for n in biased)
+    readers_of = {name: [n for n in graph.node if name in n.input] for name in (m.output[0] for m in qdq)}
+    assert (
+        not [  # no weight MatMul is left with its bias Add beside it
+            m for m in qdq if any(r.op_type == "Add" and set(r.input) & initializers for r in readers_of[m.output[0]])
+        ]
     )
-    assert ops.count("MatMulIntegerToFloat") == weights > 0
+    assert ops.count("MatMulIntegerToFloat") == len(qdq) + len(biased)
     assert "DequantizeLinear" not in ops  # each Q -> DQ pair fused into its MatMul
