@@ -169,15 +169,17 @@ def quantize_int8(out_dir: Path, feeds: dict[str, list]) -> list[Path]:
                 weight_type=QuantType.QInt8,
                 extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul"]},
             )
-            _float_residuals(out_dir / dst)
-            _fuse_biased_matmuls(out_dir / dst)
+            model = onnx.load(str(out_dir / dst))
+            _float_residuals(model)
+            _fuse_biased_matmuls(model)
+            onnx.save(model, str(out_dir / dst))
         finally:
             prepared.unlink(missing_ok=True)
         paths.append(out_dir / dst)
     return paths
 
 
-def _float_residuals(path: Path) -> None:
+def _float_residuals(model: onnx.ModelProto) -> None:
     """Let every consumer of a quantized activation other than a MatMul read the float tensor instead.
 
     In the QDQ form a tensor that feeds a quantized MatMul is replaced, for all its readers, by its
@@ -185,7 +187,6 @@ def _float_residuals(path: Path) -> None:
     (an error the QOperator form never made) and cost a DequantizeLinear per reader. Rewiring those readers
     to the QuantizeLinear's own input leaves the Q → DQ pair to the MatMul alone, which onnxruntime fuses.
     """
-    model = onnx.load(str(path))
     producer = {out: node for node in model.graph.node for out in node.output}
     for node in model.graph.node:
         if node.op_type == "MatMul":
@@ -195,10 +196,9 @@ def _float_residuals(path: Path) -> None:
             q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
             if q is not None and q.op_type == "QuantizeLinear":
                 node.input[i] = q.input[0]  # the float activation, before its 8-bit rounding
-    onnx.save(model, str(path))
 
 
-def _fuse_biased_matmuls(path: Path) -> int:
+def _fuse_biased_matmuls(model: onnx.ModelProto) -> int:
     """Write each quantized weight MatMul followed by its bias Add as one ``com.microsoft.MatMulIntegerToFloat``
     with the bias as its input; returns how many were fused.
 
@@ -207,7 +207,6 @@ def _fuse_biased_matmuls(path: Path) -> int:
     output). The op computes ``(A - a_zero_point) (B - b_zero_point) a_scale b_scale + bias``: the same as the
     pattern it replaces. MatMuls without a bias are left to onnxruntime's own fusion.
     """
-    model = onnx.load(str(path))
     graph = model.graph
     producer = {out: node for node in graph.node for out in node.output}
     readers: dict[str, list] = {}
@@ -247,7 +246,6 @@ def _fuse_biased_matmuls(path: Path) -> int:
     graph.node.extend(kept)
     if fused and not any(op.domain == "com.microsoft" for op in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    onnx.save(model, str(path))
     return fused
 
 

@@ -108,7 +108,6 @@ class OrtRowStep:
         self.slot = np.zeros(0, dtype=np.int64)  # (N,) the cache row of each row
         self.row_sentence = np.zeros(0, dtype=np.int64)  # an id per admitted sentence, for each row
         self.next_sentence = 0
-        self.filled = 0  # slots some row has written (the largest position decoded + 1)
         self.written = np.zeros(0, dtype=np.int64)  # (cache rows,) slots each cache row has written
         self.copied_rows = 0  # cache rows copied by keep() so far (second children, moved blocks)
         self.copied_slots = 0  # and their slots (rows x slots copied)
@@ -170,7 +169,6 @@ class OrtRowStep:
         for buf, new in zip(past, present, strict=True):
             if new is not buf:  # a small cache goes through a plain run (fresh arrays): back into the buffers
                 buf[...] = new
-        self.filled = max(self.filled, needed)
         self.written = positions + 1
         slot = self.slot  # back to the search's rows; unused rows' outputs dropped
         return StepOutput(scores[slot], ids[slot], eos[slot], cross_attn[slot])
@@ -287,11 +285,11 @@ class OrtRowStep:
         cfg = self.model.config
         shape = (new_rows, cfg.n_heads, new_capacity, cfg.head_dim)
         past = [np.zeros(shape, self.model.cache_dtype) for _ in self._past]
-        keep_rows, keep_slots = min(self.n_cache_rows, rows, new_rows), min(self.filled, capacity, new_capacity)
+        filled = int(self.written.max(initial=0))  # slots the cache rows have written
+        keep_rows, keep_slots = min(self.n_cache_rows, rows, new_rows), min(filled, capacity, new_capacity)
         for new, old in zip(past, self._past, strict=True):
             new[:keep_rows, :, :keep_slots] = old[:keep_rows, :, :keep_slots]
         self._past = past
-        self.filled = keep_slots
 
     def _feed_rows(self) -> np.ndarray:
         """(cache rows,) the search's row each cache row is fed: its own, or for a row no beam uses, its block's

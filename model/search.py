@@ -70,14 +70,9 @@ def sentence_blocks(row_sentence: np.ndarray) -> np.ndarray | None:
     """
     if len(row_sentence) == 0:
         return row_sentence
-    starts, sizes = sentence_runs(row_sentence)
+    starts = np.flatnonzero(np.r_[True, row_sentence[1:] != row_sentence[:-1]])  # first row of each run
+    sizes = np.diff(np.r_[starts, len(row_sentence)])
     return row_sentence[starts] if (sizes == sizes[0]).all() else None
-
-
-def sentence_runs(row_sentence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The first row and the length of each run of consecutive rows of one sentence."""
-    starts = np.flatnonzero(np.r_[True, row_sentence[1:] != row_sentence[:-1]])
-    return starts, np.diff(np.r_[starts, len(row_sentence)])
 
 
 def top_k_rows(log_probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
