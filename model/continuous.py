@@ -24,10 +24,11 @@ import logging
 from typing import NamedTuple
 
 import numpy as np
+import onnxruntime as ort
 
 from model.config import ModelConfig
 from model.decoding import DecodingOptions
-from model.runtime import OrtModel, RowGather
+from model.runtime import IN_PLACE_MIN, OrtModel, RowGather
 from model.search import Hypothesis, SearchBatch, StepOutput
 from model.signature import CAPACITY_STEP, MAX_CANDIDATES
 from model.tokenizer import pad_sources
@@ -37,6 +38,10 @@ log = logging.getLogger(__name__)
 # An encoder call costs about what this many more padded source tokens do (fp32 on 2 cores: ~1.3 ms a call, ~0.04 ms
 # a token, from B x S = 1x8 up to 32x48): what one more call must save in padding to be worth making.
 ENCODER_CALL_TOKENS = 32
+
+# Up to this many cache rows to copy, each is copied by itself (its own written slots, no temporary) when no
+# target is also a source; more, or overlapping ones, go through one gather and one scatter per length group.
+ROW_BY_ROW = 64
 
 
 def length_groups(lengths: np.ndarray, call_tokens: int = ENCODER_CALL_TOKENS) -> list[np.ndarray]:
@@ -100,7 +105,9 @@ class OrtRowStep:
     def __init__(self, model: OrtModel) -> None:
         self.model = model
         cfg = model.config
-        self._past = model.empty_cache(0, capacity=CAPACITY_STEP)  # each (rows allocated, H, C, Dh), right-padded
+        # One array holds every layer's self-attention K and V, (2 x layers, rows allocated, H, C, Dh), right-padded:
+        # a copy of cache rows is one numpy operation over all of them; each past_* input is a contiguous view.
+        self._set_store(self._empty_store(0, CAPACITY_STEP))
         self._cross = [np.zeros((0, cfg.n_heads, 0, cfg.head_dim), model.cache_dtype) for _ in model.cross_names]
         self.src_mask = np.zeros((0, 0), dtype=bool)  # (M, S) for the M live sentences, in block order
         self.sentences = np.zeros(0, dtype=np.int64)  # (M,) the sentence id of each block and cross K/V entry
@@ -114,6 +121,10 @@ class OrtRowStep:
         self.rows = RowGather()
         self._layout = 0  # bumped when blocks move or change: the per-row cross K/V are gathered again
         self._per_row: tuple[int, list[np.ndarray], np.ndarray] | None = None  # (layout, cross, mask)
+        # The OrtValues bound for the last call's past and cross K/V (they share the arrays' memory), with what
+        # they were made for: reused while the store, the rows in use and the layout are the same.
+        self._bound_past: tuple[np.ndarray, int, list] | None = None
+        self._bound_cross: tuple[int, list] | None = None
 
     @property
     def n_rows(self) -> int:
@@ -139,7 +150,7 @@ class OrtRowStep:
     @property
     def capacity(self) -> int:
         """Cache slots per row (the oldest row's past and room for the next steps)."""
-        return self._past[0].shape[2]
+        return self._store.shape[3]
 
     def __call__(self, tokens: np.ndarray, positions: np.ndarray, k: int, admitted: Admitted | None) -> StepOutput:
         if k > MAX_CANDIDATES:
@@ -165,10 +176,12 @@ class OrtRowStep:
             "src_pad_mask": src_mask,  # (M, S) per sentence, or (rows, S) per row
         }
         past = self.past
-        (scores, ids, eos, cross_attn), present = self.model.run_step(feeds, past, cross)  # K/V in place
-        for buf, new in zip(past, present, strict=True):
-            if new is not buf:  # a small cache goes through a plain run (fresh arrays): back into the buffers
+        if past[0].size < IN_PLACE_MIN:  # a small cache goes through a plain run (fresh arrays): back into the store
+            (scores, ids, eos, cross_attn), present = self.model.run_step(feeds, past, cross)
+            for buf, new in zip(past, present, strict=True):
                 buf[...] = new
+        else:  # the step writes its K/V into the store in place
+            scores, ids, eos, cross_attn = self.model.run_in_place(feeds, *self._ort_values(past, cross))
         self.written = positions + 1
         slot = self.slot  # back to the search's rows; unused rows' outputs dropped
         return StepOutput(scores[slot], ids[slot], eos[slot], cross_attn[slot])
@@ -224,22 +237,30 @@ class OrtRowStep:
             self._reset()
 
     def _copy_rows(self, src: np.ndarray, dst: np.ndarray) -> None:
-        """Copy cache rows ``src`` to ``dst`` (all read before any is written: they may overlap), the slots each
-        has written: the rows in two groups when their lengths differ widely (a long sentence's rows beside
-        short ones'), each group up to its longest."""
+        """Copy cache rows ``src`` to ``dst`` (as if all were read before any is written: they may overlap), the
+        slots each has written. Rows one by one when no target is also a source (no temporary); else one gather
+        and one scatter per group of rows, two groups when their lengths differ widely (a long sentence's rows
+        beside short ones'), each group up to its longest."""
         written = np.zeros(max(self.written.size, self.n_cache_rows, int(dst.max()) + 1), dtype=np.int64)
         written[: self.written.size] = self.written
         lengths = written[src]
-        middle = (int(lengths.max()) + int(lengths.min())) // 2
-        groups = [lengths <= middle, lengths > middle] if lengths.max() > 2 * lengths.min() + 8 else [slice(None)]
-        taken = []  # every group's rows read before any is written (a target may be another group's source)
-        for group in groups:
-            length = int(lengths[group].max())
-            taken.append((dst[group], length, [buf[src[group], :, :length] for buf in self._past]))
-            self.copied_slots += taken[-1][0].size * length
-        for rows, length, values in taken:
-            for buf, value in zip(self._past, values, strict=True):
-                buf[rows, :, :length] = value
+        store = self._store
+        targets = np.zeros(written.size, dtype=bool)
+        targets[dst] = True
+        if dst.size <= ROW_BY_ROW and not targets[src].any():
+            for s, d, length in zip(src.tolist(), dst.tolist(), lengths.tolist(), strict=True):
+                store[:, d, :, :length] = store[:, s, :, :length]
+            self.copied_slots += int(lengths.sum())
+        else:
+            middle = (int(lengths.max()) + int(lengths.min())) // 2
+            groups = [lengths <= middle, lengths > middle] if lengths.max() > 2 * lengths.min() + 8 else [slice(None)]
+            taken = []  # every group's rows read before any is written (a target may be another group's source)
+            for group in groups:
+                length = int(lengths[group].max())
+                taken.append((dst[group], length, store[:, src[group], :, :length]))  # (2L, rows, H, length, Dh)
+                self.copied_slots += taken[-1][0].size * length
+            for rows, length, values in taken:
+                store[:, rows, :, :length] = values
         written[dst] = lengths
         self.written = written
         self.copied_rows += dst.size
@@ -273,7 +294,7 @@ class OrtRowStep:
         """Buffers with room for ``n`` cache rows and ``needed`` slots (None: as they are): grown by half when
         they are short, cut when they hold over four times the slots needed (a long sentence retired) or the
         rows (and 64 more). The rows in use keep their contents."""
-        rows, capacity = self._past[0].shape[0], self.capacity
+        rows, capacity = self._store.shape[1], self.capacity
         new_rows = n + n // 2 + 4 if n > rows or rows > 4 * n + 64 else rows
         new_capacity = capacity
         if needed is not None and needed > capacity:
@@ -282,14 +303,33 @@ class OrtRowStep:
             new_capacity = needed + CAPACITY_STEP
         if (new_rows, new_capacity) == (rows, capacity):
             return
-        cfg = self.model.config
-        shape = (new_rows, cfg.n_heads, new_capacity, cfg.head_dim)
-        past = [np.zeros(shape, self.model.cache_dtype) for _ in self._past]
+        store = self._empty_store(new_rows, new_capacity)
         filled = int(self.written.max(initial=0))  # slots the cache rows have written
         keep_rows, keep_slots = min(self.n_cache_rows, rows, new_rows), min(filled, capacity, new_capacity)
-        for new, old in zip(past, self._past, strict=True):
-            new[:keep_rows, :, :keep_slots] = old[:keep_rows, :, :keep_slots]
-        self._past = past
+        store[:, :keep_rows, :, :keep_slots] = self._store[:, :keep_rows, :, :keep_slots]
+        self._set_store(store)
+
+    def _empty_store(self, rows: int, capacity: int) -> np.ndarray:
+        cfg = self.model.config
+        shape = (len(self.model.past_names), rows, cfg.n_heads, capacity, cfg.head_dim)  # (2L, rows, H, C, Dh)
+        return np.zeros(shape, self.model.cache_dtype)
+
+    def _set_store(self, store: np.ndarray) -> None:
+        self._store = store
+        self._past = list(store)  # (rows, H, C, Dh) per past_* input, contiguous views
+
+    def _ort_values(self, past: list[np.ndarray], cross: list[np.ndarray]) -> tuple[list, list]:
+        """OrtValues over ``past`` (views of the store) and ``cross`` for an in-place call: the last call's,
+        unless the store, the rows in use or the layout changed since."""
+        n = past[0].shape[0]
+        bound = self._bound_past
+        if bound is None or bound[0] is not self._store or bound[1] != n:
+            bound = self._bound_past = (self._store, n, [ort.OrtValue.ortvalue_from_numpy(a) for a in past])
+        crossed = self._bound_cross
+        if crossed is None or crossed[0] != self._layout:
+            values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in cross]
+            crossed = self._bound_cross = (self._layout, values)
+        return bound[2], crossed[1]
 
     def _feed_rows(self) -> np.ndarray:
         """(cache rows,) the search's row each cache row is fed: its own, or for a row no beam uses, its block's

@@ -442,10 +442,10 @@ def _can_stop(
     first[1:] = beam_pos[1:] != beam_pos[:-1]
     best[beam_pos[first]] = beam_log_prob[first]
     done = np.zeros(len(live), dtype=bool)
-    groups: dict[tuple[DecodingOptions, int], list[int]] = {}
+    groups: dict[DecodingOptions, list[int]] = {}  # sentences at different steps share a group (steps[idx])
     for i, sent in enumerate(live):
-        groups.setdefault((sent.options, int(steps[i])), []).append(i)
-    for (config, step), members in groups.items():
+        groups.setdefault(sent.options, []).append(i)
+    for config, members in groups.items():
         idx = np.array(members)
         n_best = config.n_best
         full = np.array([len(live[i].pool) >= n_best for i in members], dtype=bool)
@@ -461,7 +461,7 @@ def _can_stop(
         # Log probs only fall from here, and the final |Y| lies in [step + 2, max_len + 1]; lp is monotone in
         # |Y|, so the best reachable score divides by one of the two ends.
         b = best[idx]
-        bound = np.maximum(b / config.penalty(step + 2), b / config.penalty(max_lens[idx] + 1))
+        bound = np.maximum(b / config.penalty(steps[idx] + 2), b / config.penalty(max_lens[idx] + 1))
         done[idx] = (b == NEG_INF) | (full & (bound <= nth))
     return done
 

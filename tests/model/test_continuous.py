@@ -298,6 +298,38 @@ def test_a_copied_row_copies_the_slots_it_has_written_not_the_oldest_rows(
     assert copied_slots <= 5 * copied_rows
 
 
+@pytest.mark.parametrize(
+    "src, dst",
+    [
+        ([0, 2, 5], [1, 3, 7]),  # no target is a source: row by row
+        ([0, 1, 2, 3], [1, 2, 3, 6]),  # a chain: each target is the next copy's source
+        ([4, 5, 6, 7], [6, 7, 0, 1]),  # blocks shifting over each other
+    ],
+)
+def test_copied_cache_rows_read_as_before_any_copy(ort_model: OrtModel, src: list[int], dst: list[int]) -> None:
+    """A copy of cache rows gives each target its source's written slots as they were before the copy, whether
+    targets and sources overlap or not; the rest of the cache is untouched."""
+    step = OrtRowStep(ort_model)
+    rows, slots = 8, 12
+    step._fit(rows, slots)
+    step.block = np.array([rows])  # one block in use: every row
+    rng = np.random.default_rng(0)
+    step._store[...] = rng.standard_normal(step._store.shape).astype(step._store.dtype)
+    step.written = np.array([3, 9, 1, 12, 5, 2, 7, 4])
+    before, written = step._store.copy(), step.written.copy()
+    step._copy_rows(np.array(src), np.array(dst))
+    expected = before.copy()
+    for s, d in zip(src, dst, strict=True):
+        expected[:, d, :, : written[s]] = before[:, s, :, : written[s]]
+    expected_written = written.copy()
+    expected_written[dst] = written[src]
+    for d in dst:  # a target's slots past its new length are not read again; only its written ones must match
+        expected[:, d, :, expected_written[d] :] = step._store[:, d, :, expected_written[d] :]
+    np.testing.assert_array_equal(step._store, expected)
+    np.testing.assert_array_equal(step.written[:rows], expected_written)
+    assert step.copied_rows == len(dst) and step.copied_slots >= int(written[src].sum())
+
+
 def test_newcomers_are_encoded_in_runs_of_similar_length_at_the_least_padded_cost() -> None:
     rng = np.random.default_rng(3)
     for _ in range(200):
