@@ -28,7 +28,7 @@ import onnxruntime as ort
 
 from model.config import ModelConfig
 from model.decoding import DecodingOptions
-from model.runtime import IN_PLACE_MIN, OrtModel, RowGather
+from model.runtime import IN_PLACE_MIN, OrtModel, RowGather, StepBinding
 from model.search import Hypothesis, SearchBatch, StepOutput
 from model.signature import CAPACITY_STEP, MAX_CANDIDATES
 from model.tokenizer import pad_sources
@@ -125,6 +125,7 @@ class OrtRowStep:
         # they were made for: reused while the store, the rows in use and the layout are the same.
         self._bound_past: tuple[np.ndarray, int, list] | None = None
         self._bound_cross: tuple[int, list] | None = None
+        self.binding = StepBinding(model)
 
     @property
     def n_rows(self) -> int:
@@ -181,7 +182,7 @@ class OrtRowStep:
             for buf, new in zip(past, present, strict=True):
                 buf[...] = new
         else:  # the step writes its K/V into the store in place
-            scores, ids, eos, cross_attn = self.model.run_in_place(feeds, *self._ort_values(past, cross))
+            scores, ids, eos, cross_attn = self.binding.run(feeds, *self._ort_values(past, cross))
         self.written = positions + 1
         slot = self.slot  # back to the search's rows; unused rows' outputs dropped
         return StepOutput(scores[slot], ids[slot], eos[slot], cross_attn[slot])
@@ -266,9 +267,9 @@ class OrtRowStep:
         self.copied_rows += dst.size
 
     def _reset(self) -> None:
-        kept = self.next_sentence, self.rows, self.copied_rows, self.copied_slots
+        kept = self.next_sentence, self.rows, self.copied_rows, self.copied_slots, self.binding
         self.__init__(self.model)
-        self.next_sentence, self.rows, self.copied_rows, self.copied_slots = kept
+        self.next_sentence, self.rows, self.copied_rows, self.copied_slots, self.binding = kept
 
     def _keep_entries(self, order: np.ndarray) -> None:
         """The cross K/V entries and source mask rows of the blocks in ``order`` (old entry indices), cut to the

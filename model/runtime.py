@@ -245,6 +245,43 @@ class OrtModel:
         return ort.InferenceSession(graph, providers=providers, provider_options=provider_options)
 
 
+class StepBinding:
+    """The decoder's IO binding kept across the calls of a running batch (``model.continuous``): the past K/V
+    (bound as the presents too, so each call writes its K/V in place) and the cross K/V are bound again only
+    when other values are given; each call binds its feeds and host arrays made for its four outputs, which it
+    returns (no output OrtValues to unwrap: ~0.1 ms a call less than a fresh binding per call)."""
+
+    def __init__(self, model: OrtModel) -> None:
+        self.model = model
+        self.binding = model.decoder.io_binding()
+        self.bound: tuple[Sequence[ort.OrtValue], Sequence[ort.OrtValue]] | None = None
+        outputs = model.decoder_signature.outputs[:4]  # scores, ids, eos_log_probs, cross_attn (the pinned types)
+        self.out_names = [spec.name for spec in outputs]
+        self.out_types = [np.dtype(spec.dtype) for spec in outputs]
+
+    def run(
+        self, feeds: dict[str, np.ndarray], past: Sequence[ort.OrtValue], cross: Sequence[ort.OrtValue]
+    ) -> StepOutput:
+        """One call on host buffers: ``feeds`` as :meth:`OrtModel.run_step`'s; ``past`` and ``cross`` the
+        same objects as the last call's unless they changed (compared by identity)."""
+        model, binding = self.model, self.binding
+        if self.bound is None or self.bound[0] is not past or self.bound[1] is not cross:
+            for name, value in zip(model.past_names + model.cross_names, [*past, *cross], strict=True):
+                binding.bind_ortvalue_input(name, value)
+            for name, value in zip(model.decoder_signature.output_names[4:], past, strict=True):
+                binding.bind_ortvalue_output(name, value)  # present_* = past_*: in place
+            self.bound = (past, cross)
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, array)
+        rows, k, width = feeds["tokens"].shape[0], feeds["top_k"].shape[0], feeds["src_pad_mask"].shape[1]
+        shapes = ((rows, k), (rows, k), (rows,), (rows, width))
+        outputs = [np.empty(shape, dtype) for shape, dtype in zip(shapes, self.out_types, strict=True)]
+        for name, array in zip(self.out_names, outputs, strict=True):
+            binding.bind_output(name, "cpu", 0, array.dtype, array.shape, array.ctypes.data)
+        model.decoder.run_with_iobinding(binding)
+        return StepOutput(*outputs)
+
+
 class RowGather:
     """``np.take(array, index, axis=0)`` for every K/V tensor of a step, into host buffers reused between calls.
 
