@@ -9,6 +9,8 @@
   (the rows of a static batch come in equal blocks per sentence), and gathered only when sentences finish.
 - :class:`IoBindingStepFunction` is the same with every K/V tensor kept on the session's device (CUDA)
   between steps; only tokens, positions and masks go in, candidates and attention out.
+- :class:`StepBinding` keeps one IO binding across a running batch's calls (``model.continuous``): the cache
+  and cross K/V are bound again only when they change.
 """
 
 from __future__ import annotations
