@@ -7,15 +7,15 @@ time: :meth:`~ContinuousBatch.admit` queues a sentence with its own :class:`Deco
 before the next call. A sentence's hypotheses do not depend on what shares its steps (up to float
 summation order: fp32 scores agree to ~1e-6 with the sentence decoded alone).
 
-:class:`OrtRowStep` is the step side over an :class:`OrtModel`'s fp32/int8/fp16 graphs on host buffers.
-Rows at different positions share one call through the step graph's right-padded self-attention cache: row r's
-past fills slots [0, position) of its cache row and the call writes its new K/V at slot ``position`` in place
-(one IO binding kept across calls, ``model.runtime.StepBinding``); each row attends to its own slots only, so
-no mask and no padding of the pasts to a common length. The cache rows are laid out in blocks, one per live sentence, and stay where they are while the
-search reorders its beams: a call copies only the rows whose cache row changes (a second child of a beam, a
-block moved into a retired sentence's place), not the whole cache. The cross-attention K/V are held once per
-live sentence, in block order; when the blocks are all the same size (every sentence at the service's beam
-size) the beams of a sentence share them (the step graph's ``sentences`` axis).
+:class:`OrtRowStep` is the step side over an :class:`OrtModel`'s fp32/int8/fp16 graphs on host buffers. Rows at
+different positions share one call through the step graph's right-padded self-attention cache: row r's past fills
+slots [0, position) of its cache row and the call writes its new K/V at slot ``position`` in place (one IO binding
+kept across calls, ``model.runtime.StepBinding``); each row attends to its own slots only, so no mask and no
+padding of the pasts to a common length. The cache rows are laid out in blocks, one per live sentence, and stay
+where they are while the search reorders its beams: a call copies only the rows whose cache row changes (a second
+child of a beam, a block moved into a retired sentence's place), not the whole cache. The cross-attention K/V are
+held once per live sentence, in block order; when the blocks are all the same size (every sentence at the service's
+beam size) the beams of a sentence share them (the step graph's ``sentences`` axis).
 """
 
 from __future__ import annotations
