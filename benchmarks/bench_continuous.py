@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from session_clock import SessionClock
 
 from model.continuous import ContinuousBatch, OrtRowStep
 from model.decode import search_batch
@@ -72,26 +73,6 @@ def step_costs(model: OrtModel, rows: int, repeat: int) -> None:
         mixed = time_step(model, spread, repeat)
         mean = time_step(model, np.full(rows, int(spread.mean().round())), repeat)
         print(f"{past:>4} {static:>9.3f} {mixed:>12.3f} {mixed / static:>11.2f}x {mean:>12.3f} {mixed / mean:>7.2f}x")
-
-
-class SessionClock:
-    """Seconds spent inside the model's onnxruntime runs (the sessions' run methods wrapped per instance)."""
-
-    def __init__(self, model: OrtModel) -> None:
-        self.seconds = 0.0
-        for session in (model.encoder, model.decoder):
-            for name in ("run", "run_with_iobinding"):
-                setattr(session, name, self._timed(getattr(session, name)))
-
-    def _timed(self, method):
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return method(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - start
-
-        return timed
 
 
 def end_to_end(model: OrtModel, sources: list[list[int]], batch_size: int) -> None:

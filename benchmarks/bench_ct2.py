@@ -18,6 +18,8 @@
    of one sentence (ratio > 1: ours is faster). CTranslate2's beam search stops a sentence once beam_size
    hypotheses have finished; ours by default only when no live beam can still win (exact). The
    "patience 1" rows give ours CTranslate2's rule (``DecodingOptions.patience``), so both run the same search.
+   "ours host": the share of ours' time spent outside onnxruntime's runs (the search and the step function's
+   Python, ``session_clock.py``); CTranslate2's search runs in C++.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from session_clock import SessionClock
 
 from model.decode import search_batch
 from model.decoding import DecodingOptions
@@ -146,6 +149,7 @@ class Ours:
     def __init__(self, info: ModelInfo, onnx_variant: str, threads: int) -> None:
         self.info = info
         self.model = OrtModel.load(info.path, onnx_variant, options=session_options(threads))
+        self.clock = SessionClock(self.model)  # time inside onnxruntime: the rest of ours is host (Python) time
 
     def translate(self, sources: list[list[int]], options: DecodingOptions) -> list[list[int]]:
         ids, mask = pad_sources(sources)
@@ -191,6 +195,7 @@ def run_case(case: Case, info: ModelInfo, ct2_dir: Path, sources: list[list[int]
     inputs = [([sources[i] for i in b], theirs.pieces([sources[i] for i in b])) for b in plan]
     ours.translate(*inputs[0][:1], options)  # warm both engines up
     theirs.translate(inputs[0][1], options)
+    ours.clock.seconds = 0.0
     times: dict[str, list[float]] = {"ours": [], "ct2": []}
     tokens = {"ours": 0, "ct2": 0}
     same = 0
@@ -206,7 +211,7 @@ def run_case(case: Case, info: ModelInfo, ct2_dir: Path, sources: list[list[int]
             times[name].append(time.perf_counter() - started)
             tokens[name] += sum(len(t) + 1 for t in outs[name])
         same += sum(a == b for a, b in zip(outs["ours"], outs["ct2"], strict=True))
-    row = {"case": case.name, "same": same, "n": len(sources)}
+    row = {"case": case.name, "same": same, "n": len(sources), "host": 1 - ours.clock.seconds / sum(times["ours"])}
     for name in times:
         row[f"{name}_tps"] = tokens[name] / sum(times[name])
         row[f"{name}_p50_ms"] = 1000 * statistics.median(times[name])
@@ -273,14 +278,14 @@ def main() -> None:
     chosen = CASES if not args.cases else [CASES[int(i)] for i in args.cases.split(",")]
     print(
         f"{'case':36} {'ours tok/s':>10} {'ct2 tok/s':>10} {'ours p50 ms':>11} {'ct2 p50 ms':>10} {'same':>9} "
-        f"{'ours/ct2':>8}"
+        f"{'ours/ct2':>8} {'ours host':>9}"
     )
     for case in chosen:
         subset = sources[:200] if case.batch_size == 1 else sources
         row = run_case(case, info, ct2_dir, subset, tok)
         print(
             f"{row['case']:36} {row['ours_tps']:>10.0f} {row['ct2_tps']:>10.0f} {row['ours_p50_ms']:>11.1f} "
-            f"{row['ct2_p50_ms']:>10.1f} {row['same']:>4}/{row['n']:<4} {row['ratio']:>7.2f}x",
+            f"{row['ct2_p50_ms']:>10.1f} {row['same']:>4}/{row['n']:<4} {row['ratio']:>7.2f}x {row['host']:>9.0%}",
             flush=True,
         )
 
