@@ -251,7 +251,8 @@ class StepBinding:
     """The decoder's IO binding kept across the calls of a running batch (``model.continuous``): the past K/V
     (bound as the presents too, so each call writes its K/V in place) and the cross K/V are bound again only
     when other values are given; each call binds its feeds and host arrays made for its four outputs, which it
-    returns (no output OrtValues to unwrap: ~0.1 ms a call less than a fresh binding per call)."""
+    returns (no output OrtValues to unwrap). The bound feeds and outputs are only read during :meth:`run`: every
+    call binds its own before running."""
 
     def __init__(self, model: OrtModel) -> None:
         self.model = model
