@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from model.decoding import DecodingOptions
-from model.search import FullTableStep, Hypothesis, StepOutput, sentence_blocks, top_k_rows
+from model.search import FullTableStep, Hypothesis, StepOutput, _top_candidates, sentence_blocks, top_k_rows
 from model.search import beam_search as candidate_beam_search
 from model.search import greedy_search as candidate_greedy_search
 
@@ -155,6 +155,22 @@ def test_ties_go_to_the_lower_row_then_the_lower_token():
     assert [h.score for h in first[0]] == pytest.approx([math.log(0.25)] * 2, rel=1e-6)
     (greedy,), _ = run([table], DecodingOptions(beam_size=1))
     assert greedy[0].tokens == [A, A]
+
+
+def test_tied_candidates_rank_by_row_then_token_whatever_order_the_step_lists_them_in():
+    """A step may list a row's tied candidates in any order (a higher id first here): the ranking is still by
+    value, then the lower row, then the lower token id."""
+    out = StepOutput(
+        scores=np.array([[-1.0, -1.0, -2.0], [-1.0, -3.0, -3.0]], dtype=np.float32),
+        ids=np.array([[B, A, EOS], [A, B, EOS]]),
+        eos_log_probs=np.array([-2.0, -3.0], dtype=np.float32),
+        cross_attn=None,
+    )
+    cand = _top_candidates(np.zeros(2), out, np.array([0, 0]), np.array([6]), [BOS], EOS, np.zeros(2, dtype=bool))
+    assert list(zip(cand.row.tolist(), cand.token.tolist(), strict=True)) == [
+        (0, A), (0, B), (1, A), (0, EOS), (1, EOS), (1, B)
+    ]  # fmt: skip
+    assert cand.rank.tolist() == list(range(6))
 
 
 def test_eos_as_first_token_gives_an_empty_hypothesis():
