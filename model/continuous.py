@@ -107,7 +107,7 @@ class OrtRowStep:
         cfg = model.config
         # One array holds every layer's self-attention K and V, (2 x layers, rows allocated, H, C, Dh), right-padded:
         # a copy of cache rows is one numpy operation over all of them; each past_* input is a contiguous view.
-        self._set_store(self._empty_store(0, CAPACITY_STEP))
+        self._store = self._empty_store(0, CAPACITY_STEP)
         self._cross = [np.zeros((0, cfg.n_heads, 0, cfg.head_dim), model.cache_dtype) for _ in model.cross_names]
         self.src_mask = np.zeros((0, 0), dtype=bool)  # (M, S) for the M live sentences, in block order
         self.sentences = np.zeros(0, dtype=np.int64)  # (M,) the sentence id of each block and cross K/V entry
@@ -139,8 +139,7 @@ class OrtRowStep:
     @property
     def past(self) -> list[np.ndarray]:
         """The self-attention K/V of the cache rows in use, each (rows, H, C, Dh) (contiguous views)."""
-        n = self.n_cache_rows
-        return [buf[:n] for buf in self._past]
+        return list(self._store[:, : self.n_cache_rows])
 
     @property
     def cross(self) -> list[np.ndarray]:
@@ -308,16 +307,12 @@ class OrtRowStep:
         filled = int(self.written.max(initial=0))  # slots the cache rows have written
         keep_rows, keep_slots = min(self.n_cache_rows, rows, new_rows), min(filled, capacity, new_capacity)
         store[:, :keep_rows, :, :keep_slots] = self._store[:, :keep_rows, :, :keep_slots]
-        self._set_store(store)
+        self._store = store
 
     def _empty_store(self, rows: int, capacity: int) -> np.ndarray:
         cfg = self.model.config
         shape = (len(self.model.past_names), rows, cfg.n_heads, capacity, cfg.head_dim)  # (2L, rows, H, C, Dh)
         return np.zeros(shape, self.model.cache_dtype)
-
-    def _set_store(self, store: np.ndarray) -> None:
-        self._store = store
-        self._past = list(store)  # (rows, H, C, Dh) per past_* input, contiguous views
 
     def _ort_values(self, past: list[np.ndarray], cross: list[np.ndarray]) -> tuple[list, list]:
         """OrtValues over ``past`` (views of the store) and ``cross`` for an in-place call: the last call's,

@@ -209,19 +209,7 @@ class OrtModel:
     ) -> StepOutput:
         """One decoder call with the cache as OrtValues (host or device): each ``past`` value bound as its present
         too, so the step writes its K/V into it; ``feeds`` go in from the host and the outputs come back there."""
-        binding = self.decoder.io_binding()
-        for name, array in feeds.items():
-            binding.bind_cpu_input(name, array)
-        for name, value in zip(self.past_names + self.cross_names, [*past, *cross], strict=True):
-            binding.bind_ortvalue_input(name, value)
-        outputs = self.decoder_signature.output_names
-        for name in outputs[:4]:
-            binding.bind_output(name, "cpu")
-        for name, value in zip(outputs[4:], past, strict=True):  # present_* = past_*: in place
-            binding.bind_ortvalue_output(name, value)
-        self.decoder.run_with_iobinding(binding)
-        scores, ids, eos, cross_attn = (value.numpy() for value in binding.get_outputs()[:4])
-        return StepOutput(scores, ids, eos, cross_attn)
+        return StepBinding(self).run(feeds, past, cross)
 
     def empty_cache(self, n_rows: int, capacity: int = CAPACITY_STEP) -> list[np.ndarray]:
         """Right-padded self-attention K/V buffers for every layer, (n_rows, H, capacity, Dh) of zeros: no row
